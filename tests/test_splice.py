@@ -1,0 +1,274 @@
+"""The splice pump on real loopback TCP sockets, under stock asyncio and uvloop.
+
+Layout of every test::
+
+    client <-> a  [pump]  b <-> server
+
+``client`` and ``server`` play the two applications; the pump relays between ``a`` and ``b``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from portway.stream.splice import (
+    HAVE_SPLICE,
+    CopyPump,
+    PipePool,
+    SplicePump,
+    pipe_pool_for,
+    start_pump,
+)
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover
+    uvloop = None
+
+LOOPS: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
+if uvloop is not None:
+    LOOPS.append(pytest.param(uvloop.new_event_loop, id="uvloop"))
+MODES = [
+    pytest.param(True, id="splice", marks=pytest.mark.skipif(not HAVE_SPLICE, reason="no os.splice")),
+    pytest.param(False, id="copy"),
+]
+
+
+def run(loop_factory: Callable[[], asyncio.AbstractEventLoop], coro: Coroutine[Any, Any, None]) -> None:
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(asyncio.wait_for(coro, 30))
+
+
+async def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected non-blocking TCP sockets on loopback."""
+    loop = asyncio.get_running_loop()
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        lsock.setblocking(False)
+        c = socket.socket()
+        c.setblocking(False)
+        connect = asyncio.ensure_future(loop.sock_connect(c, lsock.getsockname()))
+        s, _ = await loop.sock_accept(lsock)
+        await connect
+    s.setblocking(False)
+    return c, s
+
+
+@dataclass
+class Relay:
+    client: socket.socket
+    server: socket.socket
+    pump: SplicePump | CopyPump
+    done: asyncio.Future[BaseException | None]
+    socks: list[socket.socket] = field(default_factory=list)
+
+
+class CountingSplicePump(SplicePump):
+    """Counts reads from the source sockets, to prove the pump does not spin, and signals when a
+    chunk could not be passed on at once (the receiver is stalled)."""
+
+    __slots__ = ("fills", "stalled")
+
+    def _fill(self, d: Any) -> int:
+        self.fills = getattr(self, "fills", 0) + 1
+        return super()._fill(d)
+
+    def _drain(self, d: Any) -> None:
+        super()._drain(d)
+        if d.pending:  # the pump now parks this direction until the receiver is writable
+            self.stalled = True
+
+
+class CountingCopyPump(CopyPump):
+    __slots__ = ("fills", "stalled")
+
+    def _fill(self, d: Any) -> int:
+        self.fills = getattr(self, "fills", 0) + 1
+        return super()._fill(d)
+
+    def _drain(self, d: Any) -> None:
+        super()._drain(d)
+        if d.pending:  # the pump now parks this direction until the receiver is writable
+            self.stalled = True
+
+
+@asynccontextmanager
+async def relayed(use_splice: bool, *, counting: bool = False) -> AsyncIterator[Relay]:
+    loop = asyncio.get_running_loop()
+    client, a = await tcp_pair()
+    b, server = await tcp_pair()
+    done: asyncio.Future[BaseException | None] = loop.create_future()
+    pump: SplicePump | CopyPump
+    if counting:
+        pump = (CountingSplicePump if use_splice else CountingCopyPump)(loop, a, b, done.set_result)
+        pump.start()
+    else:
+        pump = start_pump(loop, a, b, done.set_result, use_splice=use_splice)
+    relay = Relay(client, server, pump, done, [client, a, b, server])
+    try:
+        yield relay
+    finally:
+        pump.close()
+        for s in relay.socks:
+            s.close()
+
+
+async def recv_all(sock: socket.socket) -> bytes:
+    """Read until EOF."""
+    loop = asyncio.get_running_loop()
+    parts = []
+    while chunk := await loop.sock_recv(sock, 1 << 16):
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        assert chunk, "unexpected EOF"
+        buf += chunk
+    return bytes(buf)
+
+
+async def send_and_close(sock: socket.socket, data: bytes) -> None:
+    await asyncio.get_running_loop().sock_sendall(sock, data)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def both(loop_test: Callable[[bool], Awaitable[None]]) -> Callable[..., None]:
+    """Turn ``async def t(use_splice)`` into a test parametrised over loops and pump modes."""
+
+    @pytest.mark.parametrize("use_splice", MODES)
+    @pytest.mark.parametrize("loop_factory", LOOPS)
+    def wrapper(loop_factory: Callable[[], asyncio.AbstractEventLoop], use_splice: bool) -> None:
+        async def body() -> None:
+            await loop_test(use_splice)
+
+        run(loop_factory, body())
+
+    wrapper.__name__ = loop_test.__name__
+    wrapper.__doc__ = loop_test.__doc__
+    return wrapper
+
+
+@both
+async def test_bytes_arrive_exactly_in_both_directions_at_once(use_splice: bool) -> None:
+    """Several MiB each way, concurrently: every byte arrives, in order, and EOF is forwarded."""
+    up, down = os.urandom(6 << 20), os.urandom(5 << 20)
+    async with relayed(use_splice) as r:
+        got_up, got_down, _, _ = await asyncio.gather(
+            recv_all(r.server),
+            recv_all(r.client),
+            send_and_close(r.client, up),
+            send_and_close(r.server, down),
+        )
+        assert hashlib.sha256(got_up).digest() == hashlib.sha256(up).digest()
+        assert hashlib.sha256(got_down).digest() == hashlib.sha256(down).digest()
+        assert await r.done is None
+
+
+@both
+async def test_half_close_keeps_the_other_direction_flowing(use_splice: bool) -> None:
+    """Client says EOF first; the server still answers afterwards and the client reads it all."""
+    loop = asyncio.get_running_loop()
+    async with relayed(use_splice) as r:
+        await send_and_close(r.client, b"request")
+        assert await recv_all(r.server) == b"request"  # EOF reached the server
+        assert not r.done.done()
+        answer = os.urandom(1 << 20)
+        await loop.sock_sendall(r.server, answer)
+        assert await recv_exactly(r.client, len(answer)) == answer
+        r.server.shutdown(socket.SHUT_WR)
+        assert await recv_all(r.client) == b""
+        assert await r.done is None
+
+
+@both
+async def test_reset_on_one_side_reports_the_error(use_splice: bool) -> None:
+    async with relayed(use_splice) as r:
+        # SO_LINGER with a zero timeout turns close() into a RST.
+        r.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        r.client.close()
+        r.socks.remove(r.client)
+        exc = await r.done
+        assert isinstance(exc, OSError)
+        assert r.pump.closed
+
+
+@both
+async def test_slow_reader_applies_backpressure_without_spinning(use_splice: bool) -> None:
+    """While the server does not read, the pump holds at most one pipe per direction and stops
+    polling the client; once the server reads, everything arrives."""
+    loop = asyncio.get_running_loop()
+    pool = pipe_pool_for(loop)
+    data = os.urandom(32 << 20)  # far more than the socket buffers on both hops can hold
+    async with relayed(use_splice, counting=True) as r:
+        pump: Any = r.pump
+        sender = asyncio.ensure_future(loop.sock_sendall(r.client, data))
+        # Let the buffers fill up: wait until the pump is parked on a chunk it could not pass on.
+        # (Each pass yields to the loop once, so the pump and the sender make progress.)
+        for _ in range(100_000):
+            if getattr(pump, "stalled", False):
+                break
+            await asyncio.sleep(0)
+        assert pump.stalled
+        before = pump.fills
+        for _ in range(200):
+            await asyncio.sleep(0)
+            assert pool.in_use <= 2
+        assert pump.fills == before, "pump kept reading while the receiver was stalled"
+        assert not sender.done()
+        got, _ = await asyncio.gather(recv_exactly(r.server, len(data)), sender)
+        assert got == data
+        if use_splice:
+            assert isinstance(r.pump, SplicePump)
+            assert r.pump.pipes_held == 0
+
+
+@both
+async def test_idle_connections_hold_no_pipes(use_splice: bool) -> None:
+    loop = asyncio.get_running_loop()
+    pool = pipe_pool_for(loop)
+    async with (
+        relayed(use_splice) as r1,
+        relayed(use_splice) as r2,
+        relayed(use_splice) as r3,
+    ):
+        for r in (r1, r2, r3):
+            await loop.sock_sendall(r.client, b"ping")
+            assert await recv_exactly(r.server, 4) == b"ping"
+            await loop.sock_sendall(r.server, b"pong")
+            assert await recv_exactly(r.client, 4) == b"pong"
+        assert pool.in_use == 0
+        if use_splice:
+            assert all(isinstance(r.pump, SplicePump) and r.pump.pipes_held == 0 for r in (r1, r2, r3))
+
+
+def test_pool_keeps_at_most_max_idle_pipes() -> None:
+    pool = PipePool(max_idle=2, pipe_size=0)
+    pipes = [pool.acquire() for _ in range(5)]
+    assert pool.in_use == 5
+    for p in pipes:
+        pool.release(p)
+    assert (pool.in_use, pool.idle) == (0, 2)
+    # The three pipes beyond the bound were closed.
+    closed = 0
+    for r, _ in pipes:
+        try:
+            os.fstat(r)
+        except OSError:
+            closed += 1
+    assert closed == 3
+    pool.close()
+    assert pool.idle == 0
