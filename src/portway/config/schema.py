@@ -1,0 +1,162 @@
+"""The configuration schema: what a route is, its defaults, and the cross-route rules.
+
+Every value arrives as the string the user wrote (see ``yamlload``); the models decide what it
+means. Validation errors carry the path of the offending value so ``load`` can name the file,
+line, route and field in one line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+
+from portway.addr import (
+    Network,
+    PortSpec,
+    family_of,
+    ip_family,
+    is_udp,
+    lookup_service,
+    parse_network,
+    parse_port_spec,
+)
+from portway.config.durations import parse_duration
+
+
+def _duration(value: Any) -> Any:
+    if isinstance(value, str):
+        return parse_duration(value)
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_duration), Field(ge=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class RouteConfig(_Model):
+    """One stream route: a listener and the target it forwards to (GoDoxy's stream route fields)."""
+
+    scheme: Network = "tcp"
+    host: str = "localhost"
+    bind: str | None = None
+    port: PortSpec
+    #: TCP: give up dialing the target after this long; the client is closed and the reason logged.
+    connect_timeout: Duration = 5.0
+    #: TCP: close a connection with no traffic in either direction for this long; 0 = never.
+    idle_timeout: Duration = 0.0
+    #: UDP: forget a client session after this long without a datagram in either direction.
+    udp_idle_timeout: Duration = 300.0
+    #: UDP: refuse new clients past this many live sessions (each holds a socket) rather than grow.
+    udp_max_sessions: int = Field(default=10_000, ge=1)
+    #: How often the target name is resolved again (also after a failed dial); 0 = only on failure.
+    resolve_interval: Duration = 60.0
+
+    @field_validator("scheme", mode="before")
+    @classmethod
+    def _scheme(cls, value: Any) -> Any:
+        return parse_network(value) if isinstance(value, str) else value
+
+    @field_validator("host", mode="before")
+    @classmethod
+    def _host(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return "localhost"
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host_family(cls, value: str, info: ValidationInfo) -> str:
+        value = value.strip("[]")
+        scheme = info.data.get("scheme")
+        fam = ip_family(value)
+        if scheme is not None and fam is not None:
+            pinned = family_of(scheme)
+            if pinned not in (socket.AF_UNSPEC, fam):
+                raise ValueError(f"{value} is not an {_family_name(pinned)} address, which {scheme} pins")
+        return value
+
+    @field_validator("bind", mode="before")
+    @classmethod
+    def _bind_empty(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        value = value.strip("[]")
+        fam = ip_family(value)
+        if fam is None:
+            raise ValueError(f"bind {value!r} is not an IP address")
+        scheme = info.data.get("scheme")
+        if scheme is not None:
+            pinned = family_of(scheme)
+            if pinned not in (socket.AF_UNSPEC, fam):
+                raise ValueError(f"{value} is not an {_family_name(pinned)} address, which {scheme} pins")
+        return value
+
+    @field_validator("port", mode="before")
+    @classmethod
+    def _port(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, PortSpec):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ValueError("port must be written as [listening:]target, e.g. 2222:22")
+        scheme = info.data.get("scheme", "tcp")
+        return parse_port_spec(value, "udp" if is_udp(scheme) else "tcp", lookup_service)
+
+    def listen_host(self) -> str:
+        """The bind address, defaulting to every address of the scheme's family."""
+        if self.bind is not None:
+            return self.bind
+        fam = family_of(self.scheme)
+        return "0.0.0.0" if fam == socket.AF_INET else "::"
+
+
+def _family_name(family: int) -> str:
+    return "IPv4" if family == socket.AF_INET else "IPv6"
+
+
+class Config(_Model):
+    """The whole file."""
+
+    routes: dict[str, RouteConfig] = Field(default_factory=dict)
+
+
+Proto = Literal["tcp", "udp"]
+
+
+def listen_key(route: RouteConfig) -> tuple[Proto, str, int]:
+    return ("udp" if is_udp(route.scheme) else "tcp", route.listen_host(), route.port.listening)
+
+
+def listeners_overlap(a: RouteConfig, b: RouteConfig) -> bool:
+    """Whether two routes would fight over one listening socket (same protocol and port)."""
+    pa, ha, porta = listen_key(a)
+    pb, hb, portb = listen_key(b)
+    if pa != pb or porta != portb or porta == 0:
+        return False
+    return _covers(a, ha, hb) or _covers(b, hb, ha)
+
+
+def _covers(route: RouteConfig, host: str, other: str) -> bool:
+    """Does a listener on `host` (for `route`'s scheme) also receive traffic for `other`?"""
+    ip = ipaddress.ip_address(host)
+    oip = ipaddress.ip_address(other)
+    if ip == oip:
+        return True
+    if not ip.is_unspecified:
+        return False
+    if ip.version == 4:
+        return oip.version == 4
+    # "::" with a pinned tcp6/udp6 scheme is IPv6-only; with plain tcp/udp it is dual-stack.
+    return oip.version == 6 or family_of(route.scheme) == socket.AF_UNSPEC

@@ -1,0 +1,77 @@
+"""Creating listening sockets with errors that name the route, the address and the reason.
+
+We create sockets ourselves rather than letting the event loop do it, to control dual-stack
+(IPV6_V6ONLY), SO_REUSEPORT for worker processes, and to turn bind failures into one clear line.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from portway.addr import format_hostport
+from portway.errors import BindError
+
+_REASONS = {
+    errno.EADDRINUSE: "address already in use",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+    errno.EADDRNOTAVAIL: "address not available on this host",
+    errno.EAFNOSUPPORT: "address family not supported on this host",
+}
+
+
+def bind_socket(
+    host: str,
+    port: int,
+    *,
+    family: int,
+    kind: int,
+    v6only: bool,
+    reuse_port: bool = False,
+    backlog: int = 4096,
+    name: str = "",
+) -> socket.socket:
+    """Create, bind and (for TCP) listen; raises BindError naming `name` and the address."""
+    where = f"route {name!r}: " if name else ""
+    try:
+        sock = socket.socket(family, kind)
+    except OSError as exc:
+        raise BindError(f"{where}cannot listen on {format_hostport(host, port)}: {_reason(exc)}") from None
+    try:
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        proto = "tcp" if kind == socket.SOCK_STREAM else "udp"
+        raise BindError(
+            f"{where}cannot listen on {format_hostport(host, port)}/{proto}: {_reason(exc)}"
+        ) from None
+    return sock
+
+
+def _reason(exc: OSError) -> str:
+    return _REASONS.get(exc.errno or 0, exc.strerror or str(exc))
+
+
+def listen_family(host: str, pinned: int) -> tuple[int, bool]:
+    """The socket family for a bind address, and whether an IPv6 socket must be IPv6-only."""
+    if ":" in host:
+        return socket.AF_INET6, pinned == socket.AF_INET6
+    return socket.AF_INET, False
+
+
+def has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,345 @@
+"""The UDP stream: a session per client address, each with its own connected socket to the target.
+
+Replies come back on the session's socket and leave through the listening socket, so the client
+sees one peer. Datagrams are forwarded whole (up to 64 KiB) and in order: each direction is a
+single callback chain with no task per datagram, unlike relays that spawn a goroutine or task per
+datagram and so may reorder them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any, cast
+
+from portway.addr import Network, family_of, format_hostport, parse_hostport
+from portway.logs import BurstLog
+from portway.stream.base import Address, Hook, HookContext, StreamDescription, addr_str
+from portway.stream.listen import bind_socket, listen_family
+from portway.stream.resolve import TargetResolver
+from portway.stream.sessions import SessionTable
+
+log = logging.getLogger("portway.udp")
+
+#: Datagrams held for a session whose socket is still being set up; more are dropped (UDP may).
+QUEUE_LIMIT = 64
+#: A transport holding more than this unsent is not accepting more: drop rather than grow memory.
+SEND_BUFFER_LIMIT = 1024 * 1024
+#: Sweeps per idle timeout: expiry happens between 1 and 1.25 timeouts after the last datagram.
+IDLE_TICKS = 4
+#: Bigger kernel buffers absorb bursts (a DNS client firing many queries) instead of dropping.
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+class _Session(asyncio.DatagramProtocol):
+    """One client: its connected socket to the target and the datagrams waiting for it."""
+
+    __slots__ = ("client", "idle", "queue", "stream", "transport")
+
+    def __init__(self, stream: UDPStream, client: Any) -> None:
+        self.stream = stream
+        self.client = client
+        self.idle = 0
+        self.transport: asyncio.DatagramTransport | None = None
+        self.queue: list[bytes] | None = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    # client -> target
+    def send(self, data: bytes) -> None:
+        self.idle = 0
+        transport = self.transport
+        if transport is not None:
+            if not transport.is_closing() and transport.get_write_buffer_size() < SEND_BUFFER_LIMIT:
+                transport.sendto(data)
+        elif self.queue is not None and len(self.queue) < QUEUE_LIMIT:
+            self.queue.append(data)
+
+    def ready(self) -> None:
+        queue, self.queue = self.queue, None
+        for data in queue or ():
+            self.send(data)
+
+    # target -> client
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.idle = 0
+        self.stream.reply(data, self.client)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from the target surfaces here on a connected socket: the target
+        # is down for now, which is no reason to drop the session, let alone the listener.
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("target error", extra={**self.stream.fields, "client": _client_str(self.client),
+                                            "error": str(exc)})
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stream.sessions.remove(self.client, self)
+        self.transport = None
+
+    def close(self) -> None:
+        self.queue = None
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+
+class _HookedSession(_Session):
+    """Runs `on_read` on every datagram, in order, before forwarding it."""
+
+    __slots__ = ("backlog", "running")
+
+    def __init__(self, stream: UDPStream, client: Any) -> None:
+        super().__init__(stream, client)
+        self.backlog: list[tuple[str, bytes]] = []
+        self.running = False
+
+    def send(self, data: bytes) -> None:
+        self._enqueue("client", data)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._enqueue("target", data)
+
+    def _enqueue(self, direction: str, data: bytes) -> None:
+        if len(self.backlog) >= QUEUE_LIMIT:
+            return
+        self.backlog.append((direction, data))
+        if not self.running:
+            self.running = True
+            self.stream.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        stream = self.stream
+        assert stream.on_read is not None
+        try:
+            while self.backlog:
+                direction, data = self.backlog.pop(0)
+                try:
+                    await stream.on_read(stream.hook_context(self.client, direction, data))
+                except Exception as exc:
+                    log.info("closed by on_read hook", extra={**stream.fields, "client": _client_str(self.client),
+                                                             "action": "reject", "error": repr(exc)})
+                    self.backlog.clear()
+                    stream.sessions.remove(self.client, self)
+                    self.close()
+                    return
+                if direction == "client":
+                    _Session.send(self, data)
+                else:
+                    _Session.datagram_received(self, data, None)
+        finally:
+            self.running = False
+
+
+class _Listener(asyncio.DatagramProtocol):
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: UDPStream) -> None:
+        self.stream = stream
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        session = self.stream.sessions.get(addr)
+        if session is not None:
+            session.send(data)
+        else:
+            self.stream.new_session(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("listener error", extra={**self.stream.fields, "error": str(exc)})
+
+
+def _client_str(addr: Any) -> str:
+    return format_hostport(addr[0], addr[1])
+
+
+class UDPStream:
+    """A UDP listener relaying each client's datagrams to one target, and the replies back."""
+
+    def __init__(
+        self,
+        network: Network,
+        listen: str,
+        target: str,
+        *,
+        name: str = "",
+        idle_timeout: float = 300.0,
+        max_sessions: int = 10_000,
+        resolve_interval: float = 60.0,
+        reuse_port: bool = False,
+    ) -> None:
+        if network not in ("udp", "udp4", "udp6"):
+            raise ValueError(f"UDPStream needs a udp network, not {network!r}")
+        self.network = network
+        self.name = name
+        listen_hp = parse_hostport(listen)
+        target_hp = parse_hostport(target, allow_zero_port=False)
+        self.listen_host = listen_hp.host or ("0.0.0.0" if family_of(network) == socket.AF_INET else "::")
+        self.listen_port = listen_hp.port
+        self.idle_timeout = idle_timeout
+        self.reuse_port = reuse_port
+        self.resolver = TargetResolver(
+            target_hp.host, target_hp.port, family=family_of(network), kind=socket.SOCK_DGRAM,
+            interval=resolve_interval, route=name,
+        )
+        self.sessions: SessionTable[Any, _Session] = SessionTable(max_sessions, IDLE_TICKS)
+        self.pre_dial: Hook | None = None
+        self.on_read: Hook | None = None
+        self.transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None
+        self._local: Address | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._session_class: type[_Session] = _Session
+        self._full_log = BurstLog(10.0)
+        self._setup_log = BurstLog(5.0)
+        self.fields: dict[str, str] = {}
+        self._refresh_fields()
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in prepare()
+
+    @property
+    def local_addr(self) -> Address | None:
+        return self._local
+
+    def describe(self) -> StreamDescription:
+        listen = format_hostport(*self._local) if self._local else format_hostport(self.listen_host, self.listen_port)
+        return StreamDescription(f"{self.network}->{self.network}", listen, str(self.resolver))
+
+    async def prepare(self) -> None:
+        """Resolve the target and bind the listener without serving yet (all-or-nothing starts)."""
+        if self._sock is not None:
+            return
+        self.loop = asyncio.get_running_loop()
+        await self.resolver.start()
+        family, v6only = listen_family(self.listen_host, family_of(self.network))
+        self._sock = bind_socket(
+            self.listen_host, self.listen_port, family=family, kind=socket.SOCK_DGRAM, v6only=v6only,
+            reuse_port=self.reuse_port, name=self.name,
+        )
+        _grow_buffers(self._sock)
+        host, port = self._sock.getsockname()[:2]
+        self._local = (host, port)
+        self._refresh_fields()
+
+    async def listen_and_serve(self, pre_dial: Hook | None = None, on_read: Hook | None = None) -> None:
+        try:
+            await self.prepare()
+        except BaseException:
+            self.resolver.stop()
+            raise
+        assert self._sock is not None
+        self.pre_dial = pre_dial
+        self.on_read = on_read
+        self._session_class = _HookedSession if on_read is not None else _Session
+        transport, _ = await self.loop.create_datagram_endpoint(lambda: _Listener(self), sock=self._sock)
+        self.transport = transport
+        self._sweeper = self.loop.create_task(self._sweep_idle())
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self.resolver.stop()
+        if self.transport is not None:
+            if not self.transport.is_closing():
+                self.transport.close()
+            self.transport = None
+        elif self._sock is not None:
+            self._sock.close()
+        self._sock = None
+        for session in self.sessions:
+            self.sessions.remove(session.client, session)
+            session.close()
+        await asyncio.sleep(0)  # let the transports' close callbacks run before we return
+
+    async def drain(self, timeout: float) -> None:
+        """UDP has no connections to wait for: sessions just end with the listener."""
+        await self.close()
+
+    # -- called by the listener and sessions
+
+    def reply(self, data: bytes, client: Any) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.get_write_buffer_size() < SEND_BUFFER_LIMIT:
+            transport.sendto(data, client)
+
+    def hook_context(self, client: Any, direction: str | None = None, data: bytes = b"") -> HookContext:
+        return HookContext(
+            route=self.name, client=(client[0], client[1]), listen=self._local or (self.listen_host, self.listen_port),
+            target=str(self.resolver), direction=direction, data=data,  # type: ignore[arg-type]
+        )
+
+    def new_session(self, data: bytes, client: Any) -> None:
+        if self.sessions.full():
+            emit, suppressed = self._full_log.hit()
+            if emit:
+                log.warning(
+                    "session limit reached, datagram dropped",
+                    extra={**self.fields, "client": _client_str(client), "action": "refuse",
+                           "max_sessions": self.sessions.capacity, "suppressed": suppressed},
+                )
+            return
+        session = self._session_class(self, client)
+        self.sessions.add(client, session)
+        session.send(data)
+        if log.isEnabledFor(logging.INFO):
+            log.info("new session", extra={**self.fields, "client": _client_str(client), "action": "accept"})
+        self.loop.create_task(self._open(session))
+
+    async def _open(self, session: _Session) -> None:
+        client = session.client
+        if self.pre_dial is not None:
+            try:
+                await self.pre_dial(self.hook_context(client))
+            except Exception as exc:
+                log.info("rejected by pre_dial hook", extra={**self.fields, "client": _client_str(client),
+                                                            "action": "reject", "error": repr(exc)})
+                self.sessions.remove(client, session)
+                session.queue = None
+                return
+        if session.queue is None:  # closed while the hook ran
+            return
+        sock = None
+        try:
+            family, addr = self.resolver.addresses[0]
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.connect(addr)
+            _grow_buffers(sock)
+            await self.loop.create_datagram_endpoint(lambda: session, sock=sock)
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            self.sessions.remove(client, session)
+            session.queue = None
+            self.resolver.dial_failed()
+            emit, suppressed = self._setup_log.hit()
+            if emit:
+                log.error("session setup failed", extra={**self.fields, "client": _client_str(client),
+                                                         "action": "dial", "error": exc.strerror or str(exc),
+                                                         "suppressed": suppressed})
+            return
+        if session.queue is None:  # the stream closed while we were setting up
+            session.close()
+            return
+        session.ready()
+
+    def _refresh_fields(self) -> None:
+        self.fields = {"route": self.name, **self.describe().as_fields()}
+
+    async def _sweep_idle(self) -> None:
+        interval = self.idle_timeout / IDLE_TICKS
+        while True:
+            await asyncio.sleep(interval)
+            for client, session in self.sessions.tick():
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("session expired", extra={**self.fields, "client": _client_str(client), "action": "expire"})
+                session.close()
+
+
+def _grow_buffers(sock: socket.socket) -> None:
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:
+            pass
