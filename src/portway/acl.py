@@ -49,6 +49,8 @@ from portway.errors import ConfigError
 from portway.geoip import GeoInfo, GeoLookup
 
 __all__ = [
+    "DEFAULT_CACHE_SIZE",
+    "DEFAULT_CACHE_TTL",
     "LOCAL_NETWORKS",
     "Acl",
     "CidrRule",

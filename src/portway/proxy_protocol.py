@@ -26,7 +26,13 @@ Transport names: ``"TCP4"``, ``"TCP6"``, ``"UDP4"``, ``"UDP6"`` or ``"UNKNOWN"``
 v1 ``PROXY UNKNOWN``, every v2 LOCAL header, v2 AF_UNSPEC, and v2 AF_UNIX (portway has no use
 for Unix socket paths, so they are parsed for length and then treated like AF_UNSPEC, which
 the spec allows). For UNKNOWN, ``source`` and ``destination`` are None: use the socket's own
-addresses.
+addresses. Otherwise they are ``(host, port)`` with the host in Python's canonical text form;
+an IPv4-mapped address in a TCP6/UDP6 header is reported as sent (``::ffff:102:304``), and
+`portway.acl.Acl.decide` matches it as IPv4. v2 TLVs are checked to fit and then skipped
+(their values, including PP2_TYPE_CRC32C, are not interpreted).
+
+The builders pick the family from the addresses: IPv4-mapped addresses are reduced to IPv4
+first, and if the two sides still differ the IPv4 side is mapped into IPv6 (TCP6 / AF_INET6).
 """
 
 from __future__ import annotations
