@@ -22,8 +22,12 @@ from portway.stream.sessions import SessionTable
 
 log = logging.getLogger("portway.udp")
 
-#: Datagrams held for a session whose socket is still being set up; more are dropped (UDP may).
-QUEUE_LIMIT = 64
+#: Bytes held for a session whose socket is still being set up; more are dropped (UDP may). A
+#: loop reads a whole burst in one go before the setup task runs, so this must hold a burst, yet
+#: stay small enough that a flood of new clients cannot make setup queues a memory sink.
+QUEUE_BYTES = 256 * 1024
+#: Datagrams an on_read hook may have waiting before more are dropped.
+QUEUE_LIMIT = 1024
 #: A transport holding more than this unsent is not accepting more: drop rather than grow memory.
 SEND_BUFFER_LIMIT = 1024 * 1024
 #: Sweeps per idle timeout: expiry happens between 1 and 1.25 timeouts after the last datagram.
@@ -35,7 +39,7 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 class _Session(asyncio.DatagramProtocol):
     """One client: its connected socket to the target and the datagrams waiting for it."""
 
-    __slots__ = ("client", "idle", "queue", "stream", "transport")
+    __slots__ = ("client", "idle", "queue", "queued", "stream", "transport")
 
     def __init__(self, stream: UDPStream, client: Any) -> None:
         self.stream = stream
@@ -43,6 +47,7 @@ class _Session(asyncio.DatagramProtocol):
         self.idle = 0
         self.transport: asyncio.DatagramTransport | None = None
         self.queue: list[bytes] | None = []
+        self.queued = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -50,17 +55,22 @@ class _Session(asyncio.DatagramProtocol):
     # client -> target
     def send(self, data: bytes) -> None:
         self.idle = 0
+        queue = self.queue
+        if queue is not None:
+            # Still setting up (the transport may exist before `ready()` flushed the queue):
+            # everything queues until then, or a later datagram would overtake earlier ones.
+            if self.queued + len(data) <= QUEUE_BYTES:
+                queue.append(data)
+                self.queued += len(data)
+            return
         transport = self.transport
-        if transport is not None:
-            if not transport.is_closing() and transport.get_write_buffer_size() < SEND_BUFFER_LIMIT:
-                transport.sendto(data)
-        elif self.queue is not None and len(self.queue) < QUEUE_LIMIT:
-            self.queue.append(data)
+        if transport is not None and not transport.is_closing() and transport.get_write_buffer_size() < SEND_BUFFER_LIMIT:
+            transport.sendto(data)
 
     def ready(self) -> None:
         queue, self.queue = self.queue, None
         for data in queue or ():
-            self.send(data)
+            _Session.send(self, data)  # already through any hook: the subclass must not run it twice
 
     # target -> client
     def datagram_received(self, data: bytes, addr: Any) -> None:
