@@ -31,8 +31,18 @@ ensure_packages() {
     if [[ ${#missing[@]} -gt 0 ]]; then
         echo "docker-engine: installing ${missing[*]}" >&2
         export DEBIAN_FRONTEND=noninteractive
+        # docker.io's postinst would start a system dockerd (with iptables and docker0) where an
+        # init system allows it; we want only our private one, so deny service starts meanwhile.
+        local policy=/usr/sbin/policy-rc.d added_policy=""
+        if [[ ! -e $policy ]]; then
+            printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && added_policy=1
+        fi
         apt-get update -qq >&2
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 || {
+            [[ -z $added_policy ]] || rm -f "$policy"
+            fail "could not install ${missing[*]}"
+        }
+        [[ -z $added_policy ]] || rm -f "$policy"
     fi
 }
 

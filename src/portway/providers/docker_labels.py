@@ -105,7 +105,7 @@ def routes_from_labels(container_name: str, labels: Mapping[str, str], *, explic
     if _EXCLUDE in ours:
         excluded = _maybe_parse_bool(ours[_EXCLUDE])
         if excluded is None:
-            report(_EXCLUDE, f"expected true or false, got {ours[_EXCLUDE]!r}; skipping the container")
+            report(_EXCLUDE, f"must be true or false, not {ours[_EXCLUDE]!r}; skipping the container")
             return LabelResult({}, report.problems, excluded=True)
         if excluded:
             return LabelResult({}, report.problems, excluded=True)
@@ -269,9 +269,11 @@ def _maybe_locate(
     if rest.startswith("#"):
         number = rest[1:].partition(".")[0]
         index = int(number) - 1 if number.isdigit() else -1
-        if not 0 <= index < len(slots) or slots[index] is None:
-            usable = sum(1 for s in slots if s is not None)
-            report(rest, f"refers to alias #{number}, but the container has {usable} usable aliases")
+        if not 0 <= index < len(slots):
+            report(rest, f"refers to alias #{number}, but the container has {len(slots)} aliases")
+            return None
+        if slots[index] is None:
+            report(rest, f"refers to alias #{number}, which is empty or not usable")
             return None
         return index, _tail_after(rest, "#" + number)
     best: int | None = None
