@@ -86,7 +86,7 @@ def _first_error(exc: ValidationError, doc: Document) -> ConfigError:
     if len(loc) >= 2 and loc[0] == "routes":
         route = str(loc[1])
         field_path = loc[2:]
-    field = ".".join(str(p) for p in field_path) or None
+    field = _dotted(field_path)
     if err["type"] == "missing" and field is None:
         field = str(loc[-1]) if loc else None
     mark: Mark | None = doc.mark_of(loc) if err["type"] != "missing" else doc.mark_of(loc[:-1])
@@ -98,6 +98,14 @@ def _first_error(exc: ValidationError, doc: Document) -> ConfigError:
         line=mark.line if mark else None,
         column=mark.column if mark else None,
     )
+
+
+def _dotted(path: tuple[Any, ...]) -> str | None:
+    """``acl.allow[2]`` for ("acl", "allow", 2)."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
 
 
 def _unknown_key_message(loc: tuple[Any, ...]) -> str:

@@ -11,7 +11,17 @@ import ipaddress
 import socket
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from portway.acl import needs_geoip, parse_rule
 
 from portway.addr import (
     Network,
@@ -39,6 +49,79 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
 
+def _rule(value: Any) -> Any:
+    if isinstance(value, str):
+        parse_rule(value)  # raises ValueError quoting the rule
+        return value.strip()
+    raise ValueError("an ACL rule is written kind:value, e.g. cidr:10.0.0.0/8")
+
+
+AclRule = Annotated[str, BeforeValidator(_rule)]
+
+
+def _network(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError("a trusted proxy is an address or network, e.g. 10.0.0.0/8")
+    try:
+        ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or network") from None
+    return value.strip()
+
+
+IPNetworkText = Annotated[str, BeforeValidator(_network)]
+
+
+class GeoIPConfig(_Model):
+    database: str
+
+
+class AclLogConfig(_Model):
+    path: str | None = None
+    stdout: bool = False
+    log_allowed: bool = False
+
+
+class AclConfig(_Model):
+    """Who may connect (GoDoxy-compatible; an explicit deny beats allow_local here)."""
+
+    default: Literal["allow", "deny"] = "allow"
+    allow_local: bool = True
+    allow: list[AclRule] = Field(default_factory=list)
+    deny: list[AclRule] = Field(default_factory=list)
+    geoip: GeoIPConfig | None = None
+    log: AclLogConfig = Field(default_factory=AclLogConfig)
+
+    @field_validator("default", mode="before")
+    @classmethod
+    def _default(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _geoip_needed(self) -> AclConfig:
+        if needs_geoip(parse_rule(r) for r in (*self.allow, *self.deny)) and self.geoip is None:
+            raise ValueError("country: and tz: rules need geoip.database (a MaxMind .mmdb file)")
+        return self
+
+
+class ProxyProtocolConfig(_Model):
+    """Receiving the PROXY protocol on TCP listeners."""
+
+    mode: Literal["required", "mixed", "disabled"] = "disabled"
+    trusted_proxies: list[IPNetworkText] = Field(default_factory=list)
+    #: A peer that has not completed its header by then is closed: bounds slowloris-style holds.
+    header_timeout: Duration = 5.0
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+
+class EntrypointConfig(_Model):
+    proxy_protocol: ProxyProtocolConfig = Field(default_factory=ProxyProtocolConfig)
+
+
 class RouteConfig(_Model):
     """One stream route: a listener and the target it forwards to (GoDoxy's stream route fields)."""
 
@@ -56,6 +139,20 @@ class RouteConfig(_Model):
     udp_max_sessions: int = Field(default=10_000, ge=1)
     #: How often the target name is resolved again (also after a failed dial); 0 = only on failure.
     resolve_interval: Duration = 60.0
+    #: Replaces the global ACL for this route.
+    acl: AclConfig | None = None
+    #: Replaces the entrypoint's PROXY protocol settings for this route (TCP only).
+    proxy_protocol: ProxyProtocolConfig | None = None
+    #: Send a PROXY header to the target before any client byte (UDP: on every datagram).
+    relay_proxy_protocol_header: bool = False
+    proxy_protocol_version: int = 2
+
+    @field_validator("proxy_protocol_version")
+    @classmethod
+    def _pp_version(cls, value: int) -> int:
+        if value not in (1, 2):
+            raise ValueError("proxy_protocol_version must be 1 or 2")
+        return value
 
     @field_validator("scheme", mode="before")
     @classmethod
@@ -126,10 +223,32 @@ def _family_name(family: int) -> str:
     return "IPv4" if family == socket.AF_INET else "IPv6"
 
 
+class ProvidersConfig(_Model):
+    """Where routes come from besides `routes:` (GoDoxy-compatible)."""
+
+    #: Files of `alias: route` maps, relative to the main file.
+    include: list[str] = Field(default_factory=list)
+    #: name -> Docker host URL; a trailing "!" on the name means explicit-only (needs proxy.aliases).
+    docker: dict[str, str] = Field(default_factory=dict)
+
+
+def _workers(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    return value
+
+
 class Config(_Model):
     """The whole file."""
 
     routes: dict[str, RouteConfig] = Field(default_factory=dict)
+    acl: AclConfig | None = None
+    entrypoint: EntrypointConfig = Field(default_factory=EntrypointConfig)
+    providers: ProvidersConfig = Field(default_factory=ProvidersConfig)
+    #: Worker processes sharing each listener (SO_REUSEPORT); "auto" (stored as 0) = one per CPU.
+    workers: Annotated[int, BeforeValidator(_workers), Field(ge=0, le=256)] = 1
+    #: How long removed or changed routes let live connections finish on reload or shutdown.
+    grace_period: Duration = 10.0
 
 
 Proto = Literal["tcp", "udp"]
