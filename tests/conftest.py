@@ -17,6 +17,9 @@ from portway.loops import loop_name
 
 from tests.targets import TCPEchoTarget, UDPEchoTarget
 
+# The private Docker engine fixtures (docker_engine, docker_client) for provider tests.
+pytest_plugins = ["tests.docker_engine"]
+
 _LOOPS = [x for x in os.environ.get("PORTWAY_TEST_LOOPS", "asyncio,uvloop").split(",") if x]
 
 
