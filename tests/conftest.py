@@ -14,7 +14,6 @@ import pytest
 import uvloop
 
 from portway.loops import loop_name
-
 from tests.targets import TCPEchoTarget, UDPEchoTarget
 
 # The private Docker engine fixtures (docker_engine, docker_client) for provider tests.

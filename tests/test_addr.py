@@ -116,7 +116,16 @@ def test_unknown_network() -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("5s", 5), ("300ms", 0.3), ("5m", 300), ("1m30s", 90), ("2h", 7200), ("10", 10), ("0.5", 0.5), ("1d", 86400)],
+    [
+        ("5s", 5),
+        ("300ms", 0.3),
+        ("5m", 300),
+        ("1m30s", 90),
+        ("2h", 7200),
+        ("10", 10),
+        ("0.5", 0.5),
+        ("1d", 86400),
+    ],
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)

@@ -10,7 +10,7 @@ import pytest
 
 from portway import __version__
 from tests.conftest import current_loop_kind
-from tests.portway_process import PORTWAY, PortwayProcess, run_cli
+from tests.portway_process import PORTWAY, PortwayProcess, route_yaml, run_cli
 from tests.targets import TCPEchoTarget, UDPClient, UDPEchoTarget
 
 
@@ -25,9 +25,9 @@ async def test_serve_forwards_and_stops_on_sigterm(
 ) -> None:
     config = write(
         tmp_path,
-        f"routes:\n"
-        f"  t:\n    scheme: tcp4\n    host: 127.0.0.1\n    bind: 127.0.0.1\n    port: 0:{tcp_echo.port}\n"
-        f"  u:\n    scheme: udp4\n    host: 127.0.0.1\n    bind: 127.0.0.1\n    port: 0:{udp_echo.port}\n",
+        "routes:\n"
+        + route_yaml("t", scheme="tcp4", port=f"0:{tcp_echo.port}")
+        + route_yaml("u", scheme="udp4", port=f"0:{udp_echo.port}"),
     )
     pw = await PortwayProcess.serve(config, current_loop_kind())
     try:
@@ -76,9 +76,9 @@ async def test_bind_failure_names_route_and_address_and_serves_nothing(
     free.close()
     config = write(
         tmp_path,
-        f"routes:\n"
-        f"  first:\n    scheme: tcp4\n    bind: 127.0.0.1\n    host: 127.0.0.1\n    port: {free_port}:{tcp_echo.port}\n"
-        f"  clash:\n    scheme: tcp4\n    bind: 127.0.0.1\n    host: 127.0.0.1\n    port: {busy}:{tcp_echo.port}\n",
+        "routes:\n"
+        + route_yaml("first", scheme="tcp4", port=f"{free_port}:{tcp_echo.port}")
+        + route_yaml("clash", scheme="tcp4", port=f"{busy}:{tcp_echo.port}"),
     )
     try:
         status, _out, err = await run_cli("serve", "-c", str(config), "--loop", current_loop_kind())
@@ -147,9 +147,13 @@ async def test_version() -> None:
 
 
 async def test_console_logs_are_human_readable(tmp_path: Path, tcp_echo: TCPEchoTarget) -> None:
-    config = write(tmp_path, f"routes:\n  t:\n    scheme: tcp4\n    bind: 127.0.0.1\n    port: 0:{tcp_echo.port}\n")
+    config = write(tmp_path, "routes:\n" + route_yaml("t", scheme="tcp4", port=f"0:{tcp_echo.port}"))
     proc = await asyncio.create_subprocess_exec(
-        *PORTWAY, "serve", "-c", str(config), stderr=asyncio.subprocess.PIPE,
+        *PORTWAY,
+        "serve",
+        "-c",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
     line = (await asyncio.wait_for(proc.stderr.readline(), 10)).decode()

@@ -59,7 +59,8 @@ def test_yaml_values_are_read_as_written() -> None:
 def test_options_parse() -> None:
     text = (
         "routes:\n  a:\n    scheme: udp\n    port: 9000:53\n    udp_idle_timeout: 30s\n"
-        "    udp_max_sessions: 100\n  b:\n    port: 9001:22\n    connect_timeout: 500ms\n    idle_timeout: 1h\n"
+        "    udp_max_sessions: 100\n"
+        "  b:\n    port: 9001:22\n    connect_timeout: 500ms\n    idle_timeout: 1h\n"
     )
     config = load_config_text(text, "f.yml")
     assert config.routes["a"].udp_idle_timeout == 30
@@ -98,7 +99,8 @@ BAD = [
     ),
     pytest.param(
         "routes:\n  ssh:\n    port: 1:2:3\n",
-        "f.yml:3:11, route 'ssh', field 'port': malformed port '1:2:3' (expected [listening:]target, e.g. 2222:22)",
+        "f.yml:3:11, route 'ssh', field 'port': "
+        "malformed port '1:2:3' (expected [listening:]target, e.g. 2222:22)",
         id="malformed-port",
     ),
     pytest.param(
@@ -126,7 +128,8 @@ BAD = [
     ),
     pytest.param(
         "routes:\n  a: {port: 22\n",
-        "f.yml:3:1: not valid YAML: while parsing a flow mapping: expected ',' or '}', but got '<stream end>'",
+        "f.yml:3:1: not valid YAML: "
+        "while parsing a flow mapping: expected ',' or '}', but got '<stream end>'",
         id="not-yaml",
     ),
     pytest.param(
@@ -203,6 +206,8 @@ def _route(scheme: str, bind: str | None, port: str) -> RouteConfig:
         (("tcp", None, "0:1"), ("tcp", None, "0:2"), False),  # any free port: never a clash
     ],
 )
-def test_listeners_overlap(a: tuple[str, str | None, str], b: tuple[str, str | None, str], overlap: bool) -> None:
+def test_listeners_overlap(
+    a: tuple[str, str | None, str], b: tuple[str, str | None, str], overlap: bool
+) -> None:
     assert listeners_overlap(_route(*a), _route(*b)) is overlap
     assert listeners_overlap(_route(*b), _route(*a)) is overlap

@@ -116,7 +116,9 @@ async def test_client_that_only_sends_keeps_its_session() -> None:
         await silent.stop()
 
 
-async def test_session_cap_refuses_new_clients(udp_echo: UDPEchoTarget, caplog: pytest.LogCaptureFixture) -> None:
+async def test_session_cap_refuses_new_clients(
+    udp_echo: UDPEchoTarget, caplog: pytest.LogCaptureFixture
+) -> None:
     stream = UDPStream("udp4", "127.0.0.1:0", udp_echo.addr, max_sessions=2, name="capped")
     await stream.listen_and_serve()
     try:

@@ -49,10 +49,20 @@ def demo_config(tcp_listen: int, udp_listen: int, tcp_target: int, udp_target: i
     return Config(
         routes={
             "demo-tcp": RouteConfig.model_validate(
-                {"scheme": "tcp4", "host": "127.0.0.1", "bind": "127.0.0.1", "port": f"{tcp_listen}:{tcp_target}"}
+                {
+                    "scheme": "tcp4",
+                    "host": "127.0.0.1",
+                    "bind": "127.0.0.1",
+                    "port": f"{tcp_listen}:{tcp_target}",
+                }
             ),
             "demo-udp": RouteConfig.model_validate(
-                {"scheme": "udp4", "host": "127.0.0.1", "bind": "127.0.0.1", "port": f"{udp_listen}:{udp_target}"}
+                {
+                    "scheme": "udp4",
+                    "host": "127.0.0.1",
+                    "bind": "127.0.0.1",
+                    "port": f"{udp_listen}:{udp_target}",
+                }
             ),
         }
     )

@@ -38,7 +38,7 @@ class ConfigError(PortwayError):
         for key, value in where.items():
             if fields.get(key) is None:
                 fields[key] = value
-        return ConfigError(self.message, **fields)  # type: ignore[arg-type]
+        return ConfigError(self.message, **fields)
 
     def __str__(self) -> str:
         parts: list[str] = []

@@ -7,6 +7,7 @@ two formatters below are all we need, with no extra dependency to keep in step.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -95,3 +96,30 @@ class BurstLog:
             return True, suppressed
         self._suppressed += 1
         return False, 0
+
+
+class LoopErrorLog:
+    """Routes the event loop's own error reports into our logs, rate-limited.
+
+    Stock asyncio reports "socket.accept() out of system resource" every time it retries accept
+    while descriptors are exhausted (it backs off a second between tries): one log line per
+    burst is useful, one per second for the whole outage is noise.
+    """
+
+    def __init__(self) -> None:
+        self._exhausted = BurstLog(30.0)
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message", "event loop error"))
+        exc = context.get("exception")
+        if "out of system resource" in message:
+            emit, suppressed = self._exhausted.hit()
+            if emit:
+                logging.getLogger("portway").error(
+                    "accept failed: out of file descriptors; backing off",
+                    extra={"action": "accept", "error": str(exc), "suppressed": suppressed},
+                )
+            return
+        logging.getLogger("portway").error(
+            message, extra={"action": "loop", "error": repr(exc) if exc else None}
+        )

@@ -1,4 +1,4 @@
-"""Durations written as Go and GoDoxy users write them: ``300ms``, ``5s``, ``1m30s``, ``2h``, or bare seconds."""
+"""Durations as Go and GoDoxy users write them: ``300ms``, ``5s``, ``1m30s``, ``2h``, or bare seconds."""
 
 from __future__ import annotations
 

@@ -25,7 +25,9 @@ _MIN_RERESOLVE_INTERVAL = 1.0
 class TargetResolver:
     """The current addresses of a target, kept fresh in the background."""
 
-    def __init__(self, host: str, port: int, *, family: int, kind: int, interval: float, route: str = "") -> None:
+    def __init__(
+        self, host: str, port: int, *, family: int, kind: int, interval: float, route: str = ""
+    ) -> None:
         self.host = host or "localhost"
         self.port = port
         self.family = family
@@ -34,6 +36,7 @@ class TargetResolver:
         self.route = route
         self.addresses: list[SockAddr] = []
         self._task: asyncio.Task[None] | None = None
+        self._refresh: asyncio.Task[None] | None = None
         self._last_lookup = float("-inf")
         self._literal = ip_family(self.host) is not None
 
@@ -65,7 +68,7 @@ class TargetResolver:
         if loop.time() - self._last_lookup < _MIN_RERESOLVE_INTERVAL:
             return
         self._last_lookup = loop.time()
-        loop.create_task(self._refresh_once())
+        self._refresh = loop.create_task(self._refresh_once())
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -83,8 +86,12 @@ class TargetResolver:
             old = {a for _, (a, _p) in self.addresses}
             log.info(
                 "target re-resolved",
-                extra={"route": self.route, "dst": str(self), "addresses": [a for _, (a, _p) in fresh],
-                       "previous": sorted(old)},
+                extra={
+                    "route": self.route,
+                    "dst": str(self),
+                    "addresses": [a for _, (a, _p) in fresh],
+                    "previous": sorted(old),
+                },
             )
             self.addresses = fresh
 
