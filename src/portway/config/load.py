@@ -19,8 +19,13 @@ from portway.errors import ConfigError
 
 def load_config_file(path: str | Path) -> Config:
     path = Path(path)
+    return load_config_text(read_config_file(path), str(path))
+
+
+def read_config_file(path: Path) -> str:
+    """The text of a config file, or a ``ConfigError`` naming it and why it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("no such file", file=str(path)) from None
     except IsADirectoryError:
@@ -28,7 +33,6 @@ def load_config_file(path: str | Path) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"cannot read: {reason}", file=str(path)) from None
-    return load_config_text(text, str(path))
 
 
 def load_config_text(text: str, source: str) -> Config:
@@ -36,7 +40,12 @@ def load_config_text(text: str, source: str) -> Config:
     data = doc.data if doc.data is not None else {}
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping (e.g. `routes:`)", file=source, line=1)
-    return validate_config(data, doc)
+    config = validate_config(data, doc)
+    if config.providers.include:
+        from portway.config.sources import with_includes  # sources builds on this module
+
+        config = with_includes(config, doc).config
+    return config
 
 
 def validate_config(data: dict[str, Any], doc: Document) -> Config:
