@@ -22,7 +22,6 @@ from pydantic import (
 )
 
 from portway.acl import needs_geoip, parse_rule
-
 from portway.addr import (
     Network,
     PortSpec,
@@ -149,9 +148,21 @@ class RouteConfig(_Model):
 
     @field_validator("proxy_protocol_version")
     @classmethod
-    def _pp_version(cls, value: int) -> int:
+    def _pp_version(cls, value: int, info: ValidationInfo) -> int:
         if value not in (1, 2):
             raise ValueError("proxy_protocol_version must be 1 or 2")
+        scheme = info.data.get("scheme")
+        relays = info.data.get("relay_proxy_protocol_header")
+        if value == 1 and relays and scheme is not None and is_udp(scheme):
+            raise ValueError("PROXY protocol v1 has no datagram form; UDP routes relay v2 headers")
+        return value
+
+    @field_validator("proxy_protocol")
+    @classmethod
+    def _pp_receive_tcp_only(cls, value: ProxyProtocolConfig | None, info: ValidationInfo) -> Any:
+        scheme = info.data.get("scheme")
+        if value is not None and value.mode != "disabled" and scheme is not None and is_udp(scheme):
+            raise ValueError("receiving the PROXY protocol is TCP only (a UDP route may only relay it)")
         return value
 
     @field_validator("scheme", mode="before")
