@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 from portway.addr import format_hostport, is_udp
+from portway.admission import AdmissionFactory
 from portway.config.schema import Config, RouteConfig
 from portway.errors import PortwayError
 from portway.stream.tcp import TCPStream
@@ -16,18 +17,31 @@ log = logging.getLogger("portway")
 AnyStream = TCPStream | UDPStream
 
 
-def build_stream(name: str, route: RouteConfig, *, reuse_port: bool = False) -> AnyStream:
-    """The stream a route describes (not yet bound)."""
+def build_stream(
+    name: str, route: RouteConfig, *, reuse_port: bool = False, admission: AdmissionFactory | None = None
+) -> AnyStream:
+    """The stream a route describes (not yet bound).
+
+    `admission` supplies the global ACL and the entrypoint's PROXY protocol settings and shares
+    GeoIP databases and ACL logs between routes; without it only the route's own ACL and PROXY
+    settings apply. Raises ConfigError (naming the route) if a GeoIP database or ACL log file
+    cannot be opened.
+    """
+    admission = admission if admission is not None else AdmissionFactory()
     listen = format_hostport(route.listen_host(), route.port.listening)
     target = format_hostport(route.host, route.port.target)
+    access = admission.access_control(name, route)
     if is_udp(route.scheme):
         return UDPStream(
             route.scheme, listen, target, name=name, idle_timeout=route.udp_idle_timeout,
             max_sessions=route.udp_max_sessions, resolve_interval=route.resolve_interval, reuse_port=reuse_port,
+            access=access, relay_proxy_protocol=route.relay_proxy_protocol_header,
         )
     return TCPStream(
         route.scheme, listen, target, name=name, connect_timeout=route.connect_timeout,
         idle_timeout=route.idle_timeout, resolve_interval=route.resolve_interval, reuse_port=reuse_port,
+        access=access, proxy_protocol=admission.proxy_protocol(route),
+        relay_proxy_protocol=route.proxy_protocol_version if route.relay_proxy_protocol_header else 0,
     )
 
 
@@ -38,10 +52,15 @@ class Server:
         self.config = config
         self.reuse_port = reuse_port
         self.streams: dict[str, AnyStream] = {}
+        #: The global ACL, GeoIP databases and ACL logs, opened once and shared by the routes.
+        self.admission = AdmissionFactory(config)
 
     async def start(self) -> None:
         """Resolve and bind every route, then serve them all; on any failure, nothing is left running."""
-        streams = {name: build_stream(name, r, reuse_port=self.reuse_port) for name, r in self.config.routes.items()}
+        streams = {
+            name: build_stream(name, r, reuse_port=self.reuse_port, admission=self.admission)
+            for name, r in self.config.routes.items()
+        }
         try:
             for stream in streams.values():
                 await stream.prepare()
