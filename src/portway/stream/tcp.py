@@ -21,6 +21,7 @@ from portway.errors import ProxyProtocolError
 from portway.logs import BurstLog
 from portway.proxy_protocol import ProxyHeader, build_v1, build_v2, classify_prefix, maybe_parse_header
 from portway.stream.base import Address, Hook, HookContext, StreamDescription, addr_str
+from portway.stream.accept import Listener, serve_tcp
 from portway.stream.listen import bind_socket, listen_family
 from portway.stream.resolve import SockAddr, TargetResolver
 
@@ -547,7 +548,7 @@ class TCPStream:
         self.pre_dial: Hook | None = None
         self.on_read: Hook | None = None
         self._sock: socket.socket | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: Listener | None = None
         self._local: Address | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None
@@ -601,7 +602,7 @@ class TCPStream:
         if self.access is not None and not self._attached:
             self.access.attach()
             self._attached = True
-        self._server = await self.loop.create_server(lambda: factory(self), sock=self._sock, backlog=4096)
+        self._server = await serve_tcp(self.loop, self._sock, lambda: factory(self), self.fields)
         if self.idle_timeout > 0:
             self._sweeper = self.loop.create_task(self._sweep_idle())
 

@@ -1,0 +1,147 @@
+"""Accepting TCP connections without spinning when descriptors run out.
+
+On uvloop, `create_server` accepts in C, and libuv handles EMFILE itself: it closes a reserved
+descriptor, accepts and drops the pending connections, and re-arms, so nothing spins.
+
+Stock asyncio (CPython 3.11) does not: its accept loop keeps going after EMFILE and schedules
+one retry per remaining iteration of `backlog`, so a listener with backlog 4096 queues thousands
+of retries per wake-up and burns a core for as long as the shortage lasts (found by
+tests/test_faults.py). On stock asyncio we therefore accept ourselves: on EMFILE/ENFILE we stop
+watching the socket, back off (doubling, capped), log once per burst, and resume by ourselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from portway.loops import loop_name
+
+log = logging.getLogger("portway.accept")
+
+_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#: Connections accepted per readiness event before yielding to the rest of the loop.
+_BATCH = 64
+_BACKOFF_MIN = 0.05
+_BACKOFF_MAX = 1.0
+
+
+class Listener:
+    """What TCPStream needs from a serving socket: stop accepting, and wait until stopped."""
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+
+class _AsyncioAcceptor(Listener):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.Protocol],
+        fields: dict[str, str],
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.factory = factory
+        self.fields = fields
+        self.backoff = _BACKOFF_MIN
+        self.retry: asyncio.TimerHandle | None = None
+        self.closed = False
+        self.in_burst = False
+        self.refused = 0
+        self.tasks: set[asyncio.Task[Any]] = set()
+        loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        for _ in range(_BATCH):
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                break
+            except OSError as exc:
+                if exc.errno in _EXHAUSTED:
+                    self._back_off(exc)
+                    return
+                log.error("accept failed", extra={**self.fields, "action": "accept", "error": str(exc)})
+                break
+            conn.setblocking(False)
+            task = self.loop.create_task(self._adopt(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        else:
+            return
+        if self.in_burst:
+            log.warning(
+                "accepting again after descriptor shortage",
+                extra={**self.fields, "action": "accept", "refused_retries": self.refused},
+            )
+            self.in_burst = False
+            self.refused = 0
+            self.backoff = _BACKOFF_MIN
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(self.factory, conn)
+        except OSError:
+            conn.close()
+
+    def _back_off(self, exc: OSError) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.refused += 1
+        if not self.in_burst:
+            self.in_burst = True
+            log.error(
+                "accept failed: out of file descriptors; backing off",
+                extra={**self.fields, "action": "accept", "error": exc.strerror or str(exc)},
+            )
+        self.retry = self.loop.call_later(self.backoff, self._resume)
+        self.backoff = min(self.backoff * 2, _BACKOFF_MAX)
+
+    def _resume(self) -> None:
+        self.retry = None
+        if not self.closed:
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.retry is not None:
+            self.retry.cancel()
+        else:
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    async def wait_closed(self) -> None:
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class _ServerListener(Listener):
+    def __init__(self, server: asyncio.AbstractServer) -> None:
+        self.server = server
+
+    def close(self) -> None:
+        self.server.close()
+
+    async def wait_closed(self) -> None:
+        await self.server.wait_closed()
+
+
+async def serve_tcp(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    factory: Callable[[], asyncio.Protocol],
+    fields: dict[str, str],
+    backlog: int = 4096,
+) -> Listener:
+    """Start accepting on a bound, listening socket with the best path this loop offers."""
+    if loop_name(loop) == "uvloop":
+        return _ServerListener(await loop.create_server(factory, sock=sock, backlog=backlog))
+    return _AsyncioAcceptor(loop, sock, factory, fields)
