@@ -71,7 +71,7 @@ def serve(config_path: str, log_format: str, log_level: str, loop_kind: str | No
         config = load_config_file(config_path)
     except ConfigError as exc:
         _fail(exc, EXIT_CONFIG)
-    _run(config, loop_kind, grace)
+    _run(config, loop_kind, grace, config_path=config_path)
 
 
 @main.command()
@@ -129,21 +129,36 @@ def format_routes(config: Config) -> str:
     )
 
 
-def _run(config: Config | None, loop_kind: str | None, grace: float, *, setup=None, ready=None, teardown=None) -> None:  # type: ignore[no-untyped-def]
+def _run(
+    config: Config | None,
+    loop_kind: str | None,
+    grace: float,
+    *,
+    setup=None,
+    ready=None,
+    teardown=None,
+    config_path: str | None = None,
+) -> None:  # type: ignore[no-untyped-def]
     try:
         factory = loop_factory(loop_kind)
     except ValueError as exc:
         _fail(exc, EXIT_CONFIG)
     with asyncio.Runner(loop_factory=factory) as runner:
         try:
-            runner.run(_serve(config, grace, setup, ready, teardown))
+            runner.run(_serve(config, grace, setup, ready, teardown, config_path))
         except ConfigError as exc:
             _fail(exc, EXIT_CONFIG)
         except PortwayError as exc:
             _fail(exc, EXIT_RUNTIME)
 
 
-async def _serve(config, grace, setup, ready, teardown) -> None:  # type: ignore[no-untyped-def]
+async def _serve(config, grace, setup, ready, teardown, config_path=None) -> None:  # type: ignore[no-untyped-def]
+    if config_path is not None:
+        # `serve`: reloads on file changes and SIGHUP, and merges Docker routes (see portway.app).
+        from portway.app import serve_live
+
+        await serve_live(config_path, grace)
+        return
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,217 @@
+"""``portway serve``: the running proxy, kept in step with its files and Docker providers.
+
+One task does every reload, so two reloads never interleave; triggers (a watched file changed,
+SIGHUP, a Docker provider's routes changed) only wake it. A file reload that fails validation
+changes nothing and says where the error is; the routes already running keep serving.
+
+Why watchfiles: it wraps the Rust ``notify`` crate (inotify here, FSEvents/kqueue elsewhere), so a
+change is seen in milliseconds without polling, and it groups an editor's burst of writes into one
+batch. We watch the *directories* of the config files and filter by name, because editors and
+config-management tools replace a file by renaming a new one over it, which a watch on the old
+inode would miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from watchfiles import awatch
+
+from portway.config.schema import Config
+from portway.config.sources import Sources, load_sources
+from portway.errors import ConfigError
+from portway.logs import LoopErrorLog
+from portway.loops import loop_name
+from portway.providers.docker import DockerProvider, docker_url, parse_provider_name
+from portway.providers.merge import merge_routes
+from portway.server import Server
+
+__all__ = ["LiveServer", "serve_live"]
+
+log = logging.getLogger("portway")
+
+#: watchfiles yields this long after the last change of a burst (an editor's save is several writes).
+WATCH_STEP_MS = 50
+
+
+class LiveServer:
+    """A `Server` whose routes follow the config file, its includes and the Docker providers."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.server: Server | None = None
+        self.sources: Sources | None = None
+        self.providers: dict[tuple[str, str, bool], DockerProvider] = {}
+        #: Bumped after every reload (applied or refused), for whoever waits on `reloaded`.
+        self.generation = 0
+        self.reloaded = asyncio.Condition()
+        self._wake = asyncio.Event()
+        self._files_dirty = False
+        self._watched: frozenset[str] = frozenset()
+        self._watcher: asyncio.Task[None] | None = None
+        self._stop_watching = asyncio.Event()
+
+    def request_reload(self) -> None:
+        """Re-read the files (and re-merge providers) soon; safe to call from a signal handler."""
+        self._files_dirty = True
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event, *, shutdown_grace: float) -> None:
+        """Start everything, reload on demand until `stop` is set, then shut down gracefully."""
+        self.sources = load_sources(self.path)
+        self.server = Server(self._wanted())
+        await self.server.start()  # the file's routes, all or nothing; Docker routes follow
+        try:
+            self._sync_providers()
+            await self._restart_watcher()
+            loop = asyncio.get_running_loop()
+            log.info(
+                "portway serving",
+                extra={"routes": len(self.server.streams), "loop": loop_name(loop), "action": "ready"},
+            )
+            stopping = loop.create_task(stop.wait())
+            while not stop.is_set():
+                waking = loop.create_task(self._wake.wait())
+                await asyncio.wait({stopping, waking}, return_when=asyncio.FIRST_COMPLETED)
+                waking.cancel()
+                if stop.is_set():
+                    break
+                self._wake.clear()
+                await self._reload()
+        finally:
+            log.info("shutting down", extra={"action": "shutdown", "grace_s": shutdown_grace})
+            self._stop_watching.set()
+            if self._watcher is not None:
+                self._watcher.cancel()
+                await asyncio.gather(self._watcher, return_exceptions=True)
+            await asyncio.gather(*(p.stop() for p in self.providers.values()), return_exceptions=True)
+            await self.server.stop(shutdown_grace)
+
+    async def wait_for(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
+        """Return once `predicate()` holds after some reload (or already does)."""
+        async with asyncio.timeout(within), self.reloaded:
+            await self.reloaded.wait_for(predicate)
+
+    # -- reloading
+
+    async def _reload(self) -> None:
+        assert self.server is not None
+        assert self.sources is not None
+        if self._files_dirty:
+            self._files_dirty = False
+            try:
+                sources = load_sources(self.path)
+            except ConfigError as exc:
+                log.error(
+                    f"reload refused, the running routes are unchanged: {exc}",
+                    extra={
+                        "action": "reload",
+                        "file": exc.file,
+                        "line": exc.line,
+                        "route": exc.route,
+                        "field": exc.field,
+                        "error": exc.message,
+                    },
+                )
+                await self._notify()
+                return
+            files_changed = sources.files != self.sources.files
+            self.sources = sources
+            self._sync_providers()
+            if files_changed:
+                await self._restart_watcher()
+        failed = await self.server.apply(self._wanted())
+        log.info(
+            "reload applied",
+            extra={"action": "reload", "routes": len(self.server.streams), "failed": sorted(failed)},
+        )
+        await self._notify()
+
+    async def _notify(self) -> None:
+        async with self.reloaded:
+            self.generation += 1
+            self.reloaded.notify_all()
+
+    def _wanted(self) -> Config:
+        """The file config with the providers' current routes merged in."""
+        assert self.sources is not None
+        merged = merge_routes(
+            [
+                (self.sources.config.routes, self.sources.origins),
+                *((p.current.routes, p.current.origins) for p in self.providers.values()),
+            ]
+        )
+        for problem in merged.problems:
+            log.error(problem, extra={"action": "merge"})
+        return self.sources.config.model_copy(update={"routes": merged.routes})
+
+    def _sync_providers(self) -> None:
+        """Start providers the config now names and stop those it no longer does."""
+        assert self.sources is not None
+        wanted: set[tuple[str, str, bool]] = set()
+        for written_name, written in self.sources.config.providers.docker.items():
+            name, explicit = parse_provider_name(written_name)
+            wanted.add((name, docker_url(written), explicit))
+        for key in set(self.providers) - wanted:
+            provider = self.providers.pop(key)
+            asyncio.get_running_loop().create_task(provider.stop())
+        for key in sorted(wanted - set(self.providers)):
+            name, url, explicit = key
+            provider = DockerProvider(name, url, explicit_only=explicit, on_change=self._wake.set)
+            self.providers[key] = provider
+            provider.start()
+            log.info("docker provider started", extra={"provider": name, "url": url, "explicit": explicit})
+
+    # -- watching files
+
+    async def _restart_watcher(self) -> None:
+        assert self.sources is not None
+        if self._watcher is not None:
+            self._stop_watching.set()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        self._stop_watching = asyncio.Event()
+        self._watched = _absolute(self.sources.files)
+        directories = sorted({os.path.dirname(p) for p in self._watched})
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(directories, self._stop_watching))
+        # awatch sets up its inotify watches in the task's first step, before its first await:
+        # after one turn of the loop, a change made by whoever we tell "ready" is not missed.
+        await asyncio.sleep(0)
+
+    async def _watch(self, directories: list[str], stop: asyncio.Event) -> None:
+        def ours(_change: object, path: str) -> bool:
+            return os.path.abspath(path) in self._watched
+
+        try:
+            async for _changes in awatch(
+                *directories, watch_filter=ours, stop_event=stop, step=WATCH_STEP_MS, recursive=False
+            ):
+                self.request_reload()
+        except (OSError, RuntimeError) as exc:  # a directory vanished: SIGHUP still works
+            log.error("cannot watch the config files; reload with SIGHUP", extra={"error": str(exc)})
+
+
+def _absolute(paths: tuple[Path, ...]) -> frozenset[str]:
+    return frozenset(os.path.abspath(p) for p in paths)
+
+
+async def serve_live(path: str | Path, shutdown_grace: float) -> None:
+    """Serve `path` until SIGINT/SIGTERM; reload on SIGHUP and whenever a config file changes."""
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(LoopErrorLog())  # e.g. accept() out of descriptors: once per burst
+    stop = asyncio.Event()
+    app = LiveServer(path)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app.request_reload)
+    try:
+        await app.run(stop, shutdown_grace=shutdown_grace)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)

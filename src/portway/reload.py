@@ -1,0 +1,74 @@
+"""What a reload must do: the pure diff between the running routes and a new config.
+
+No sockets here. ``plan_reload`` compares routes by name and says which to leave alone, start,
+replace and stop, and which old listeners must be released *before* the new ones bind (a route
+that keeps its port cannot have two listeners on it at once; we do not use SO_REUSEPORT for this,
+because two listeners on one port share incoming connections between old and new settings).
+``Server.apply`` carries the plan out.
+
+Rules:
+
+* A route whose settings are equal (field by field, after validation) is unchanged, and so are its
+  listener and live connections. Writing ``port: "2222:22"`` as ``port: 2222:22`` or reordering
+  keys changes nothing.
+* Settings outside ``routes:`` that every route inherits (the global ``acl`` and the
+  ``entrypoint``) count as part of each route: changing them replaces every route.
+* ``grace_period``, ``providers`` and ``workers`` change no route by themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from portway.config.schema import Config, RouteConfig, listeners_overlap
+
+__all__ = ["ReloadPlan", "plan_reload", "shared_settings_changed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadPlan:
+    """Route names sorted into what happens to them; every tuple is in name order."""
+
+    unchanged: tuple[str, ...]
+    added: tuple[str, ...]
+    changed: tuple[str, ...]
+    removed: tuple[str, ...]
+    #: Changed routes whose old listener overlaps a listener of the new config: it must stop
+    #: accepting before the new listeners bind, so the port is briefly closed for these only.
+    release_first: tuple[str, ...]
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.added or self.changed or self.removed)
+
+    @property
+    def to_start(self) -> tuple[str, ...]:
+        """Routes that need a new listener: added and changed, in name order."""
+        return tuple(sorted((*self.added, *self.changed)))
+
+
+def shared_settings_changed(old: Config, new: Config) -> bool:
+    """Whether a setting every route inherits differs between `old` and `new`."""
+    return old.acl != new.acl or old.entrypoint != new.entrypoint
+
+
+def plan_reload(
+    old: Mapping[str, RouteConfig], new: Mapping[str, RouteConfig], *, replace_all: bool = False
+) -> ReloadPlan:
+    """Compare running routes `old` with the wanted routes `new`.
+
+    With `replace_all` (see ``shared_settings_changed``) every route present in both counts as
+    changed.
+    """
+    unchanged: list[str] = []
+    changed: list[str] = []
+    for name in sorted(old.keys() & new.keys()):
+        (changed if replace_all or old[name] != new[name] else unchanged).append(name)
+    added = sorted(new.keys() - old.keys())
+    removed = sorted(old.keys() - new.keys())
+    starting = [new[name] for name in (*added, *changed)]
+    release_first = [
+        name for name in changed if any(listeners_overlap(old[name], route) for route in starting)
+    ]
+    return ReloadPlan(tuple(unchanged), tuple(added), tuple(changed), tuple(removed), tuple(release_first))
