@@ -1,0 +1,238 @@
+"""Worker processes: N copies of the proxy sharing each listener through SO_REUSEPORT.
+
+The main process never runs an event loop: it forks the workers, waits for each to report that
+its listeners are bound, then only reaps, restarts and forwards signals. Each worker binds its own
+sockets with SO_REUSEPORT, so the kernel spreads new TCP connections across workers and hashes
+each UDP client's 4-tuple to one worker, which keeps a UDP session in one process.
+
+Why fork and not multiprocessing: the workers need nothing but the already-validated config in
+memory and the inherited readiness pipe, and fork-before-any-event-loop is the one way to start a
+Python process that costs no re-import and no pickling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger("portway.supervisor")
+
+#: A worker that dies sooner than this after starting is "crashing": restarts back off.
+_HEALTHY_AFTER = 5.0
+_RESTART_BACKOFF_MAX = 10.0
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+#: What a worker runs: given its index and a callback to call once it is serving; returns an exit status.
+WorkerMain = Callable[[int, Callable[[], None]], int]
+
+
+@dataclass
+class _Worker:
+    index: int
+    pid: int
+    started: float
+    ready_fd: int
+    ready: bool = False
+    failures: list[float] = field(default_factory=list)
+
+
+class StartupFailed(Exception):
+    """A worker exited before it was serving; carries its exit status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"a worker exited with status {status} before serving")
+        self.status = status
+
+
+class Supervisor:
+    """Forks `count` workers running `main`, keeps them alive, and stops them on SIGTERM/SIGINT."""
+
+    def __init__(self, count: int, main: WorkerMain, *, grace: float, startup_timeout: float = 30.0) -> None:
+        if count < 1:
+            raise ValueError("need at least one worker")
+        self.count = count
+        self.main = main
+        self.grace = grace
+        self.startup_timeout = startup_timeout
+        self.workers: dict[int, _Worker] = {}
+        self._wake_r, self._wake_w = os.pipe()
+        self._signals: list[int] = []
+
+    # -- parent side
+
+    def run(self) -> int:
+        """Serve until told to stop; returns the exit status for the main process."""
+        os.set_blocking(self._wake_w, False)
+        previous = {s: signal.signal(s, self._on_signal) for s in (*_FORWARDED, signal.SIGCHLD)}
+        try:
+            try:
+                for index in range(self.count):
+                    self._spawn(index)
+                self._wait_ready()
+            except StartupFailed as exc:
+                self._stop_all(signal.SIGTERM)
+                return exc.status
+            log.info(
+                "workers serving",
+                extra={"action": "ready", "workers": self.count, "pids": sorted(self.workers)},
+            )
+            return self._supervise()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals.append(signum)
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError as exc:  # pragma: no cover - pipe full means a wake-up is pending anyway
+            if exc.errno != errno.EAGAIN:
+                raise
+
+    def _spawn(self, index: int, failures: list[float] | None = None) -> None:
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            os.close(ready_r)
+            status = 1
+            try:
+                for sig in (*_FORWARDED, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                for other in self.workers.values():
+                    os.close(other.ready_fd)
+
+                def ready() -> None:
+                    os.write(ready_w, b"R")
+                    os.close(ready_w)
+
+                status = self.main(index, ready)
+            except SystemExit as exc:
+                status = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                log.exception("worker failed", extra={"worker": index})
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        os.close(ready_w)
+        self.workers[pid] = _Worker(index, pid, time.monotonic(), ready_r, failures=failures or [])
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while not all(w.ready for w in self.workers.values()):
+            self._reap(starting=True)
+            pending = [w.ready_fd for w in self.workers.values() if not w.ready]
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                log.error("workers did not start in time", extra={"action": "start"})
+                raise StartupFailed(1)
+            readable = _select([*pending, self._wake_r], timeout)
+            if self._wake_r in readable:
+                os.read(self._wake_r, 4096)
+                if any(s in (signal.SIGTERM, signal.SIGINT) for s in self._signals):
+                    raise StartupFailed(0)
+            for worker in self.workers.values():
+                if worker.ready_fd in readable and os.read(worker.ready_fd, 1) == b"R":
+                    worker.ready = True
+
+    def _supervise(self) -> int:
+        while True:
+            _select([self._wake_r], None)
+            os.read(self._wake_r, 4096)
+            signals, self._signals = self._signals, []
+            for signum in signals:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    log.info("stopping workers", extra={"action": "shutdown", "grace_s": self.grace})
+                    self._stop_all(signal.SIGTERM)
+                    return 0
+                if signum == signal.SIGHUP:
+                    self._signal_all(signal.SIGHUP)
+            self._reap(starting=False)
+
+    def _reap(self, *, starting: bool) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            os.close(worker.ready_fd)
+            code = os.waitstatus_to_exitcode(status)
+            if starting and not worker.ready:
+                raise StartupFailed(code if code > 0 else 1)
+            self._restart(worker, code)
+
+    def _restart(self, worker: _Worker, code: int) -> None:
+        now = time.monotonic()
+        recent = [t for t in worker.failures if now - t < 60] + [now]
+        crashing = now - worker.started < _HEALTHY_AFTER
+        delay = min(_RESTART_BACKOFF_MAX, 0.1 * 2 ** len(recent)) if crashing else 0.0
+        log.error(
+            "worker exited; restarting",
+            extra={
+                "action": "restart",
+                "worker": worker.index,
+                "pid": worker.pid,
+                "status": code,
+                "restart_in_s": round(delay, 2),
+            },
+        )
+        if delay:
+            time.sleep(delay)  # the parent has no other work: blocking here delays only this restart
+        self._spawn(worker.index, recent)
+
+    def _signal_all(self, signum: int) -> None:
+        for pid in list(self.workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def _stop_all(self, signum: int) -> None:
+        self._signal_all(signum)
+        deadline = time.monotonic() + self.grace + 5.0
+        while self.workers and time.monotonic() < deadline:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                _select([self._wake_r], 0.05)
+                continue
+            worker = self.workers.pop(pid, None)
+            if worker is not None:
+                os.close(worker.ready_fd)
+        for pid in list(self.workers):
+            log.error("worker did not stop in time; killing it", extra={"pid": pid})
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.workers.pop(pid, None)
+
+
+def _select(fds: list[int], timeout: float | None) -> list[int]:
+    try:
+        readable, _, _ = select.select(fds, [], [], timeout)
+    except InterruptedError:  # pragma: no cover - PEP 475 retries, but be explicit
+        return []
+    return readable
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (respects taskset/cgroup pinning, unlike os.cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover
+        return os.cpu_count() or 1
