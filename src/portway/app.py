@@ -51,6 +51,8 @@ class LiveServer:
         #: Bumped after every reload (applied or refused), for whoever waits on `reloaded`.
         self.generation = 0
         self.reloaded = asyncio.Condition()
+        #: Set once the file's routes listen and the providers and file watcher have started.
+        self.ready = asyncio.Event()
         self._wake = asyncio.Event()
         self._files_dirty = False
         self._watched: frozenset[str] = frozenset()
@@ -75,6 +77,7 @@ class LiveServer:
                 "portway serving",
                 extra={"routes": len(self.server.streams), "loop": loop_name(loop), "action": "ready"},
             )
+            self.ready.set()
             stopping = loop.create_task(stop.wait())
             while not stop.is_set():
                 waking = loop.create_task(self._wake.wait())

@@ -129,7 +129,7 @@ def format_routes(config: Config) -> str:
     )
 
 
-def _run(
+def _run(  # type: ignore[no-untyped-def]
     config: Config | None,
     loop_kind: str | None,
     grace: float,
@@ -138,7 +138,7 @@ def _run(
     ready=None,
     teardown=None,
     config_path: str | None = None,
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     try:
         factory = loop_factory(loop_kind)
     except ValueError as exc:

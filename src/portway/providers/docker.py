@@ -172,6 +172,7 @@ class DockerProvider:
         self._lock = threading.Lock()
         self._client: Any = None
         self._events: Any = None
+        self._waiters: list[asyncio.Future[None]] = []
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -201,8 +202,18 @@ class DockerProvider:
         changed = provided.routes != self.current.routes or provided.origins != self.current.origins
         self.current = provided
         self.synced.set()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         if changed:
             self.on_change()
+
+    async def next_snapshot(self) -> None:
+        """Return after the next snapshot from the daemon has been processed."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
 
     # -- the watcher thread
 
