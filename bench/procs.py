@@ -51,15 +51,25 @@ def tree_cpu_s(pid: int) -> float:
 
 
 def tree_rss_kib_fds(pid: int) -> tuple[int, int]:
-    rss = fds = 0
+    """Summed VmRSS (KiB) and open descriptors of the process tree."""
+    rss, _, fds = tree_memory(pid)
+    return rss, fds
+
+
+def tree_memory(pid: int) -> tuple[int, int, int]:
+    """(RSS KiB, PSS KiB, fds) summed over the tree. RSS double-counts pages shared between
+    processes (fork-per-connection peers like socat); PSS splits them fairly."""
+    rss = pss = fds = 0
     for p in tree_pids(pid):
         try:
             with open(f"/proc/{p}/status") as f:
                 rss += next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                pss += next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
             fds += len(os.listdir(f"/proc/{p}/fd"))
         except (OSError, StopIteration):
             pass
-    return rss, fds
+    return rss, pss, fds
 
 
 def wait_tcp(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> bool:
@@ -73,7 +83,9 @@ def wait_tcp(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def spawn(cmd: Sequence[str], cpu: int, env: dict[str, str] | None = None, quiet: bool = True) -> subprocess.Popen[bytes]:
+def spawn(
+    cmd: Sequence[str], cpu: int, env: dict[str, str] | None = None, quiet: bool = True
+) -> subprocess.Popen[bytes]:
     """Start ``cmd`` pinned to ``cpu`` in its own session, so stop() can signal the whole group."""
     out = subprocess.DEVNULL if quiet else None
     return subprocess.Popen(

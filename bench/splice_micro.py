@@ -128,13 +128,16 @@ class Relay(asyncio.Protocol):
 
 async def serve_transport(listen: int, target: int) -> None:
     loop = asyncio.get_running_loop()
+    connecting: set[asyncio.Task[None]] = set()
 
     class Downstream(Relay):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
             assert self.transport is not None
             self.transport.pause_reading()
-            loop.create_task(self.connect())
+            task = loop.create_task(self.connect())
+            connecting.add(task)
+            task.add_done_callback(connecting.discard)
 
         async def connect(self) -> None:
             assert self.transport is not None
@@ -159,7 +162,11 @@ async def serve_transport(listen: int, target: int) -> None:
 def serve(mode: str, listen: int, target: int) -> None:
     import uvloop
 
-    coro = serve_transport(listen, target) if mode == "transport" else serve_pump(listen, target, mode == "splice")
+    coro = (
+        serve_transport(listen, target)
+        if mode == "transport"
+        else serve_pump(listen, target, mode == "splice")
+    )
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(coro)
 
@@ -192,8 +199,12 @@ def bulk_once(mode: str, go_bin: str | None, gib: float, reverse: bool) -> dict[
         stop(relay)
     end = json.loads(out)["end"]["sum_received"]
     got = end["bytes"] / 2**30
-    return {"gib": round(got, 3), "gbit_s": round(end["bits_per_second"] / 1e9, 2), "cpu_s": round(cpu, 2),
-            "cpu_s_per_gib": round(cpu / got, 3)}
+    return {
+        "gib": round(got, 3),
+        "gbit_s": round(end["bits_per_second"] / 1e9, 2),
+        "cpu_s": round(cpu, 2),
+        "cpu_s_per_gib": round(cpu / got, 3),
+    }
 
 
 def idle_once(mode: str, go_bin: str | None, n: int) -> dict[str, Any]:
@@ -205,7 +216,9 @@ def idle_once(mode: str, go_bin: str | None, n: int) -> dict[str, Any]:
         r0, f0 = tree_rss_kib_fds(relay.pid)
         holder = subprocess.Popen(
             [sys.executable, str(HERE / "idle_hold.py"), str(RELAY_PORT), str(n)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert holder.stdout is not None and holder.stdin is not None
         line = holder.stdout.readline().strip()
@@ -216,8 +229,12 @@ def idle_once(mode: str, go_bin: str | None, n: int) -> dict[str, Any]:
     finally:
         stop(relay)
     held = int(line.split()[1])
-    return {"held": held, "rss_kib_per_conn": round((r1 - r0) / max(held, 1), 2),
-            "fds_per_conn": round((f1 - f0) / max(held, 1), 2), "note": line}
+    return {
+        "held": held,
+        "rss_kib_per_conn": round((r1 - r0) / max(held, 1), 2),
+        "fds_per_conn": round((f1 - f0) / max(held, 1), 2),
+        "note": line,
+    }
 
 
 def main() -> None:
@@ -252,20 +269,28 @@ def main() -> None:
             if args.idle:
                 row["idle"] = idle_once(mode, args.go_bin, args.idle)
             results[mode] = row
-            print(mode, json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "runs"} for k, v in row.items()}),
-                  flush=True)
+            print(
+                mode,
+                json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "runs"} for k, v in row.items()}),
+                flush=True,
+            )
     finally:
         for b in backends:
             stop(b)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"gib": args.gib, "reps": args.reps, "results": results}, indent=1))
-    print(f"\n{'mode':10} {'fwd CPU-s/GiB':>14} {'rev CPU-s/GiB':>14} {'fwd Gbit/s':>11} {'rev Gbit/s':>11}"
-          f" {'idle KiB/conn':>14} {'fds/conn':>9}")
+    print(
+        f"\n{'mode':10} {'fwd CPU-s/GiB':>14} {'rev CPU-s/GiB':>14} {'fwd Gbit/s':>11} {'rev Gbit/s':>11}"
+        f" {'idle KiB/conn':>14} {'fds/conn':>9}"
+    )
+    nan = float("nan")
     for mode, row in results.items():
         idle = row.get("idle", {})
-        print(f"{mode:10} {row['bulk']['cpu_s_per_gib']:>14.3f} {row['bulk-R']['cpu_s_per_gib']:>14.3f}"
-              f" {row['bulk']['gbit_s']:>11.2f} {row['bulk-R']['gbit_s']:>11.2f}"
-              f" {idle.get('rss_kib_per_conn', float('nan')):>14.2f} {idle.get('fds_per_conn', float('nan')):>9.2f}")
+        print(
+            f"{mode:10} {row['bulk']['cpu_s_per_gib']:>14.3f} {row['bulk-R']['cpu_s_per_gib']:>14.3f}"
+            f" {row['bulk']['gbit_s']:>11.2f} {row['bulk-R']['gbit_s']:>11.2f}"
+            f" {idle.get('rss_kib_per_conn', nan):>14.2f} {idle.get('fds_per_conn', nan):>9.2f}"
+        )
 
 
 if __name__ == "__main__":

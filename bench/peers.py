@@ -1,0 +1,186 @@
+"""Backends the proxies forward to, and the proxies themselves (portway and its Debian peers).
+
+Every proxy gets the same job: a TCP listener on 127.0.0.1:PROXY_TCP forwarding to one backend
+port, and (where the proxy can) a UDP listener on 127.0.0.1:PROXY_UDP forwarding to dnsmasq.
+Each proxy is configured the way its documentation recommends for one core: HAProxy
+``nbthread 1``, nginx ``worker_processes 1``, socat one process per connection (its only mode),
+portway one worker unless ``--workers`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from procs import LOAD_CPU, PROXY_CPU, spawn, stop, wait_tcp
+
+HERE = Path(__file__).resolve().parent
+IPERF, HTTP, DNS, ECHO = 15201, 15280, 15353, 15400
+PROXY_TCP, PROXY_UDP = 16000, 16053
+NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
+
+
+@dataclass
+class Proxy:
+    """How to run one proxy forwarding TCP to ``dst`` (and UDP to dnsmasq when ``udp``)."""
+
+    name: str
+    command: Callable[[Path, int], list[str]]  # (workdir, tcp target port) -> argv
+    udp: bool
+    env: dict[str, str] = field(default_factory=dict)
+    idle_cap: int | None = None  # most idle connections worth holding (process-per-conn peers)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def portway_bin() -> str:
+    return os.environ.get("PORTWAY_BIN") or str(HERE.parent / ".venv" / "bin" / "portway")
+
+
+def _portway(workers: int | None) -> Callable[[Path, int], list[str]]:
+    def cmd(tmp: Path, dst: int) -> list[str]:
+        head = f"workers: {workers}\n" if workers else ""
+        cfg = f"""{head}routes:
+  t:
+    scheme: tcp4
+    host: 127.0.0.1
+    bind: 127.0.0.1
+    port: {PROXY_TCP}:{dst}
+  u:
+    scheme: udp4
+    host: 127.0.0.1
+    bind: 127.0.0.1
+    port: {PROXY_UDP}:{DNS}
+"""
+        return [
+            portway_bin(),
+            "serve",
+            "-c",
+            str(_write(tmp / "portway.yaml", cfg)),
+            "--log-level",
+            "warning",
+        ]
+
+    return cmd
+
+
+def _haproxy(tmp: Path, dst: int) -> list[str]:
+    cfg = f"""global
+  maxconn 9000  # fds needed ~2x+: must stay under the 20000 open-files limit
+  nbthread 1
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+listen t
+  bind 127.0.0.1:{PROXY_TCP}
+  server s1 127.0.0.1:{dst}
+"""
+    return ["haproxy", "-db", "-f", str(_write(tmp / "haproxy.cfg", cfg))]
+
+
+def _nginx(tmp: Path, dst: int) -> list[str]:
+    cfg = f"""load_module {NGINX_STREAM_MODULE};
+daemon off; pid {tmp}/nginx-stream.pid; error_log {tmp}/nginx-stream.err; worker_processes 1;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 16000; }}
+stream {{
+  server {{ listen 127.0.0.1:{PROXY_TCP}; proxy_pass 127.0.0.1:{dst}; }}
+  server {{ listen 127.0.0.1:{PROXY_UDP} udp; proxy_pass 127.0.0.1:{DNS}; proxy_timeout 30s; }}
+}}
+"""
+    return ["nginx", "-c", str(_write(tmp / "nginx-stream.conf", cfg))]
+
+
+def _socat(tmp: Path, dst: int) -> list[str]:
+    return [
+        "socat",
+        f"TCP4-LISTEN:{PROXY_TCP},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
+        f"TCP4:127.0.0.1:{dst}",
+    ]
+
+
+def _goproxy(binary: str) -> Callable[[Path, int], list[str]]:
+    def cmd(tmp: Path, dst: int) -> list[str]:
+        return [
+            binary,
+            "-tcp",
+            f"127.0.0.1:{PROXY_TCP}",
+            "-udp",
+            f"127.0.0.1:{PROXY_UDP}",
+            "-dst",
+            f"127.0.0.1:{dst}",
+        ]
+
+    return cmd
+
+
+def proxies(workers: int | None = None) -> dict[str, Proxy]:
+    """All known proxies. ``goproxy`` appears only when GOPROXY_BIN names a built binary taking
+    ``-tcp ADDR -udp ADDR -dst ADDR`` (the bench never builds or fetches it itself)."""
+    table = {
+        "portway": Proxy("portway", _portway(workers), udp=True),
+        "haproxy": Proxy("haproxy", _haproxy, udp=False),
+        "nginx": Proxy("nginx", _nginx, udp=True),
+        # One process per connection: thousands of idle socat processes measure fork, not relaying.
+        "socat": Proxy("socat", _socat, udp=False, idle_cap=500),
+    }
+    go = os.environ.get("GOPROXY_BIN")
+    if go:
+        table["goproxy"] = Proxy("goproxy", _goproxy(go), udp=True, env={"GOMAXPROCS": "1"})
+    return table
+
+
+def start_proxy(proxy: Proxy, tmp: Path, dst: int) -> subprocess.Popen[bytes]:
+    p = spawn(proxy.command(tmp, dst), PROXY_CPU, env=proxy.env)
+    if not wait_tcp(PROXY_TCP, timeout=20):
+        stop(p)
+        raise RuntimeError(f"{proxy.name} did not listen on {PROXY_TCP} (is it installed?)")
+    return p
+
+
+def start_backends(tmp: Path) -> list[subprocess.Popen[bytes]]:
+    """iperf3 server, nginx HTTP, dnsmasq and a TCP echo server, all on the load CPU."""
+    http = f"""daemon off; pid {tmp}/nginx-http.pid; error_log {tmp}/nginx-http.err; worker_processes 1;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 16000; }}
+http {{ access_log off;
+  server {{ listen 127.0.0.1:{HTTP} backlog=4096; keepalive_requests 10000000;
+    location / {{ return 200 "hello world\\n"; }} }} }}
+"""
+    procs = [
+        spawn(["iperf3", "-s", "-p", str(IPERF), "-B", "127.0.0.1"], LOAD_CPU),
+        spawn(["nginx", "-c", str(_write(tmp / "nginx-http.conf", http))], LOAD_CPU),
+        spawn(
+            [
+                "dnsmasq",
+                "--no-daemon",
+                f"--port={DNS}",
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                "--address=/bench.test/10.1.2.3",
+                f"--pid-file={tmp}/dnsmasq.pid",
+                "--user=root",
+                "--cache-size=1000",
+                "--dns-forward-max=10000",
+            ],
+            LOAD_CPU,
+        ),
+        spawn([sys.executable, str(HERE / "echo_server.py"), str(ECHO)], LOAD_CPU),
+    ]
+    for port in (IPERF, HTTP, ECHO):
+        if not wait_tcp(port):
+            for p in procs:
+                stop(p)
+            raise RuntimeError(f"backend on port {port} did not start")
+    return procs
