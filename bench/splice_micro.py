@@ -61,6 +61,8 @@ def load_splice() -> ModuleType:
 async def serve_pump(listen: int, target: int, use_splice: bool) -> None:
     splice = load_splice()
     loop = asyncio.get_running_loop()
+    pipe_size = int(os.environ.get("SPLICE_PIPE_SIZE", "0"))
+    pool = splice.PipePool(pipe_size=pipe_size) if pipe_size else None
     lsock = socket.create_server(("127.0.0.1", listen), backlog=4096)
     lsock.setblocking(False)
 
@@ -80,7 +82,7 @@ async def serve_pump(listen: int, target: int, use_splice: bool) -> None:
             client.close()
             upstream.close()
 
-        splice.start_pump(loop, client, upstream, done, use_splice=use_splice)
+        splice.start_pump(loop, client, upstream, done, use_splice=use_splice, pool=pool)
 
     tasks: set[asyncio.Task[None]] = set()
     while True:

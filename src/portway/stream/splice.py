@@ -396,18 +396,20 @@ def start_pump(
     on_done: PumpDone,
     *,
     use_splice: bool | None = None,
+    pool: PipePool | None = None,
 ) -> SplicePump | CopyPump:
     """Start relaying between connected sockets ``a`` and ``b``; return the running pump.
 
     Both sockets are switched to non-blocking mode. ``on_done`` fires once, from the loop, with
     ``None`` after both directions closed cleanly or with the error that stopped the relay;
-    the caller closes the sockets afterwards. ``use_splice=None`` picks splice when available.
+    the caller closes the sockets afterwards. ``use_splice=None`` picks splice when available;
+    ``pool`` defaults to the loop's shared :func:`pipe_pool_for`.
     """
     a.setblocking(False)
     b.setblocking(False)
     pump: SplicePump | CopyPump
     if HAVE_SPLICE if use_splice is None else use_splice:
-        pump = SplicePump(loop, a, b, on_done)
+        pump = SplicePump(loop, a, b, on_done, pool)
     else:
         pump = CopyPump(loop, a, b, on_done)
     pump.start()
