@@ -176,6 +176,7 @@ async def test_bytes_arrive_exactly_in_both_directions_at_once(use_splice: bool)
         assert hashlib.sha256(got_up).digest() == hashlib.sha256(up).digest()
         assert hashlib.sha256(got_down).digest() == hashlib.sha256(down).digest()
         assert await r.done is None
+        assert (r.pump.bytes_a_to_b, r.pump.bytes_b_to_a) == (len(up), len(down))
 
 
 @both

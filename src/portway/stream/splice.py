@@ -150,7 +150,7 @@ def pipe_pool_for(loop: asyncio.AbstractEventLoop) -> PipePool:
 class _Direction:
     """One way of the relay: read ``src``, write ``dst``. Holds bytes only while ``dst`` is slow."""
 
-    __slots__ = ("dst", "dst_sock", "eof", "finished", "pending", "pipe", "src", "src_sock", "tail")
+    __slots__ = ("dst", "dst_sock", "eof", "finished", "moved", "pending", "pipe", "src", "src_sock", "tail")
 
     def __init__(self, src: socket.socket, dst: socket.socket) -> None:
         self.src_sock = src
@@ -158,6 +158,7 @@ class _Direction:
         self.src = src.fileno()
         self.dst = dst.fileno()
         self.pending = 0  # bytes read from src, not yet written to dst
+        self.moved = 0  # bytes read from src so far (for metrics and idle detection)
         self.eof = False
         self.finished = False
         self.pipe: Pipe | None = None  # SplicePump: borrowed while pending > 0
@@ -201,6 +202,17 @@ class _PumpBase:
             self._loop.add_reader(d.src, self._on_readable, d)
 
     @property
+    def bytes_a_to_b(self) -> int:
+        """Bytes read from ``a`` so far. Callers detect idleness by sampling these counters on a
+        timer instead of the pump reading the clock per chunk."""
+        return self._dirs[0].moved
+
+    @property
+    def bytes_b_to_a(self) -> int:
+        """Bytes read from ``b`` so far."""
+        return self._dirs[1].moved
+
+    @property
     def closed(self) -> bool:
         """True once the pump has stopped (completed, failed or closed)."""
         return self._closed
@@ -228,6 +240,7 @@ class _PumpBase:
                     n = self._fill(d)
                 except BlockingIOError:
                     break
+                d.moved += n
                 if n == 0:
                     d.eof = True
                     self._loop.remove_reader(d.src)
