@@ -3,10 +3,11 @@
 Why the docker SDK in a thread rather than aiodocker: the SDK is Docker's own, well kept client
 (already a dependency, also used by the tests), it negotiates the API version, and it understands
 every ``DOCKER_HOST`` form (``unix://``, ``tcp://``, ``ssh://``) the same way the ``docker`` CLI
-does. It blocks, so each provider owns one thread that lists containers and then sits on the event
-stream; the thread hands whole snapshots to the event loop with ``call_soon_threadsafe``. Events
-are rare (containers start and stop), so a snapshot per event costs nothing that matters, and it
-makes the routes a function of "what runs now" instead of a log of deltas that could drift.
+does. It blocks, so each provider owns one thread that subscribes to container events, lists the running
+containers once per connection, and after each event inspects just that container (inspect is
+the daemon's authoritative view; the list can lag a dying container by a moment). Each time it
+hands the whole set of running containers to the event loop with ``call_soon_threadsafe``, so the
+routes are always a function of "what runs now", never a log of deltas that could drift.
 
 The conversion from a snapshot to routes is pure (``routes_from_containers``) so its rules are
 tested without a daemon. A problem with one container (a bad label, no usable address) is
@@ -233,7 +234,7 @@ class DockerProvider:
                 events = client.events(decode=True, filters={"type": "container"})
                 with self._lock:
                     self._events = events
-                self._snapshot(client)
+                running = self._snapshot(client)
                 if reported:
                     log.warning("docker daemon reachable again", extra={"provider": self.name})
                 reported = False
@@ -241,8 +242,10 @@ class DockerProvider:
                 for event in events:
                     if self._stopping.is_set():
                         return
-                    if event.get("Action", "").split(":")[0] in WATCHED_ACTIONS:
-                        self._snapshot(client)
+                    container_id = event.get("id") or event.get("Actor", {}).get("ID")
+                    if container_id and event.get("Action", "").split(":")[0] in WATCHED_ACTIONS:
+                        self._refresh(client, running, container_id)
+                        self._send(running)
                 if not self._stopping.is_set():
                     raise ConnectionError("the event stream ended")
             except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
@@ -262,16 +265,34 @@ class DockerProvider:
             self._stopping.wait(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    def _snapshot(self, client: Any) -> None:
+    def _snapshot(self, client: Any) -> dict[str, ContainerInfo]:
+        """Every running container, by id, as ``inspect`` describes it; delivered to the loop."""
+        running: dict[str, ContainerInfo] = {}
+        for summary in client.api.containers(filters={"status": "running"}):
+            self._refresh(client, running, summary["Id"])
+        self._send(running)
+        return running
+
+    def _refresh(self, client: Any, running: dict[str, ContainerInfo], container_id: str) -> None:
+        """Update `running` for one container from ``inspect``, the daemon's authoritative view.
+
+        The container list is served from a view that can lag the container's real state by a
+        moment (a container that just died may still be listed as running), so after an event we
+        ask about that container itself rather than listing again.
+        """
         import docker.errors
 
-        containers: list[ContainerInfo] = []
-        for summary in client.api.containers(filters={"status": "running"}):
-            try:
-                attrs = client.api.inspect_container(summary["Id"])
-            except docker.errors.NotFound:
-                continue  # gone between the list and the inspect; its "destroy" event follows
-            labels = (attrs.get("Config") or {}).get("Labels") or {}
-            containers.append(ContainerInfo(str(attrs.get("Name", "")), labels, attrs))
+        try:
+            attrs = client.api.inspect_container(container_id)
+        except docker.errors.NotFound:
+            running.pop(container_id, None)
+            return
+        if not (attrs.get("State") or {}).get("Running"):
+            running.pop(container_id, None)
+            return
+        labels = (attrs.get("Config") or {}).get("Labels") or {}
+        running[container_id] = ContainerInfo(str(attrs.get("Name", "")), labels, attrs)
+
+    def _send(self, running: dict[str, ContainerInfo]) -> None:
         if self._loop is not None and not self._stopping.is_set():
-            self._loop.call_soon_threadsafe(self._deliver, containers)
+            self._loop.call_soon_threadsafe(self._deliver, list(running.values()))
