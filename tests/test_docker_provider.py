@@ -242,3 +242,89 @@ async def test_container_without_network_is_reported_not_fatal(
     assert "has no network (network mode 'none'); skipped" in problem
     assert live.server is not None
     assert "iso" not in live.server.streams
+
+
+class _UnixRelay:
+    """A TCP listener on loopback relaying to the engine's unix socket; stopping it is an outage."""
+
+    def __init__(self, unix_path: str) -> None:
+        self.unix_path = unix_path
+        self.port = free_port()
+        self.server: asyncio.AbstractServer | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in list(self.writers):
+            writer.transport.abort()
+        self.writers.clear()
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        engine_r, engine_w = await asyncio.open_unix_connection(self.unix_path)
+        self.writers |= {client_w, engine_w}
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+            w.close()
+
+        await asyncio.gather(pump(client_r, engine_w), pump(engine_r, client_w), return_exceptions=True)
+
+
+class _LogEvent(logging.Handler):
+    """Sets an asyncio event when a log message containing `text` is emitted (from any thread)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.seen = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.loop.call_soon_threadsafe(self.seen.set)
+
+
+@pytest.mark.docker
+async def test_daemon_outage_keeps_routes_and_reconnects(
+    tmp_path: Path, docker_engine: str, docker_client: docker.DockerClient
+) -> None:
+    relay = _UnixRelay(docker_engine.removeprefix("unix://"))
+    await relay.start()
+    main = tmp_path / "portway.yml"
+    main.write_text(f"providers:\n  docker:\n    relayed!: tcp://127.0.0.1:{relay.port}\n")
+    app = LiveServer(main)
+    stop = asyncio.Event()
+    running = asyncio.get_running_loop().create_task(app.run(stop, shutdown_grace=0.5))
+    down, up = _LogEvent("docker daemon unreachable"), _LogEvent("docker daemon reachable again")
+    docker_log = logging.getLogger("portway.docker")
+    docker_log.addHandler(down)
+    docker_log.addHandler(up)
+    labels = {"proxy.aliases": "kept", "proxy.kept.port": f"{free_port()}:80", "proxy.kept.bind": "127.0.0.1"}
+    try:
+        async with asyncio.timeout(10):
+            await app.ready.wait()
+        server = app.server
+        assert server is not None
+        with run_container(docker_client, "portway-provider-outage", labels, ["sleep", "30"]) as container:
+            await app.wait_for(lambda: "kept" in server.streams)
+            await relay.stop()
+            async with asyncio.timeout(10):
+                await down.seen.wait()
+            assert "kept" in server.streams  # the last known routes keep serving
+            await relay.start()
+            async with asyncio.timeout(10):
+                await up.seen.wait()
+            await asyncio.to_thread(container.kill)
+            await app.wait_for(lambda: "kept" not in server.streams)
+    finally:
+        docker_log.removeHandler(down)
+        docker_log.removeHandler(up)
+        stop.set()
+        await asyncio.wait_for(running, 10)
+        await relay.stop()
