@@ -402,3 +402,45 @@ async def test_cli_watches_included_files(tmp_path: Path, tcp_echo: TCPEchoTarge
         await close(writer)
     finally:
         await stop_portway(app)
+
+
+async def _admitted(server: Server, name: str, source: str) -> bool:
+    """Whether a client from `source` gets an echo through route `name`."""
+    addr = server.streams[name].local_addr
+    assert addr is not None
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, addr)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(b"hi")
+        return await asyncio.wait_for(reader.read(2), 5) == b"hi"
+    except ConnectionResetError:
+        return False
+    finally:
+        writer.close()
+
+
+async def test_reload_applies_the_global_acl_to_new_and_rebuilt_routes(tcp_echo: TCPEchoTarget) -> None:
+    deny = {"deny": ["ip:127.0.0.66"]}
+    first = Config.model_validate({"acl": deny, "routes": {"a": route(port=f"0:{tcp_echo.port}")}})
+    server = Server(first)
+    await server.start()
+    try:
+        assert not await _admitted(server, "a", "127.0.0.66")
+        # A route added by a reload is held to the same global ACL.
+        second = Config.model_validate(
+            {"acl": deny, "routes": {"a": first.routes["a"], "b": route(port=f"0:{tcp_echo.port}")}}
+        )
+        assert await server.apply(second) == {}
+        assert not await _admitted(server, "b", "127.0.0.66")
+        assert await _admitted(server, "b", "127.0.0.65")
+        # Dropping the global ACL rebuilds every route without it.
+        third = Config.model_validate({"routes": second.routes})
+        assert await server.apply(third) == {}
+        await drained(server)
+        assert await _admitted(server, "a", "127.0.0.66")
+        assert await _admitted(server, "b", "127.0.0.66")
+    finally:
+        await server.stop()

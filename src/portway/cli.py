@@ -21,7 +21,7 @@ from portway.config.durations import format_duration
 from portway.config.load import load_config_file
 from portway.config.schema import Config
 from portway.errors import ConfigError, PortwayError
-from portway.logs import setup_logging
+from portway.logs import LoopErrorLog, setup_logging
 from portway.loops import loop_factory, loop_name
 from portway.server import Server
 
@@ -31,18 +31,30 @@ EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 
 _log_format = click.option(
-    "--log-format", type=click.Choice(["console", "json"]), default="console", show_default=True,
+    "--log-format",
+    type=click.Choice(["console", "json"]),
+    default="console",
+    show_default=True,
     help="Human-readable lines, or one JSON object per line.",
 )
 _log_level = click.option(
-    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True,
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
 )
 _loop = click.option(
-    "--loop", "loop_kind", type=click.Choice(["auto", "uvloop", "asyncio"]), default=None,
+    "--loop",
+    "loop_kind",
+    type=click.Choice(["auto", "uvloop", "asyncio"]),
+    default=None,
     help="Event loop (default: $PORTWAY_LOOP, else uvloop where installed).",
 )
 _grace = click.option(
-    "--grace", type=float, default=3.0, show_default=True,
+    "--grace",
+    type=float,
+    default=3.0,
+    show_default=True,
     help="Seconds live connections get to finish after SIGTERM/SIGINT.",
 )
 
@@ -87,8 +99,12 @@ def check(config_path: str) -> None:
 
 
 @main.command()
-@click.option("--tcp-port", type=int, default=7000, show_default=True, help="Where the demo TCP route listens.")
-@click.option("--udp-port", type=int, default=7001, show_default=True, help="Where the demo UDP route listens.")
+@click.option(
+    "--tcp-port", type=int, default=7000, show_default=True, help="Where the demo TCP route listens."
+)
+@click.option(
+    "--udp-port", type=int, default=7001, show_default=True, help="Where the demo UDP route listens."
+)
 @_log_format
 @_log_level
 @_loop
@@ -121,7 +137,9 @@ def format_routes(config: Config) -> str:
             opts = f"connect_timeout={format_duration(r.connect_timeout)}"
             if r.idle_timeout:
                 opts += f" idle={format_duration(r.idle_timeout)}"
-        listen = format_hostport(r.listen_host(), r.port.listening) + (" (any free port)" if not r.port.listening else "")
+        listen = format_hostport(r.listen_host(), r.port.listening) + (
+            " (any free port)" if not r.port.listening else ""
+        )
         rows.append((name, r.scheme, listen, format_hostport(r.host, r.port.target), opts))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join(
@@ -160,6 +178,7 @@ async def _serve(config, grace, setup, ready, teardown, config_path=None) -> Non
         await serve_live(config_path, grace)
         return
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(LoopErrorLog())
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -172,7 +191,9 @@ async def _serve(config, grace, setup, ready, teardown, config_path=None) -> Non
         if teardown is not None:
             await teardown()
         raise
-    log.info("portway serving", extra={"routes": len(server.streams), "loop": loop_name(loop), "action": "ready"})
+    log.info(
+        "portway serving", extra={"routes": len(server.streams), "loop": loop_name(loop), "action": "ready"}
+    )
     if ready is not None:
         await ready(server)
     await stop.wait()

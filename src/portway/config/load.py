@@ -123,10 +123,7 @@ def _unknown_key_message(loc: tuple[Any, ...]) -> str:
     hint = ""
     if known:
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        if close:
-            hint = f" (did you mean {close[0]!r}?)"
-        else:
-            hint = f" (known keys: {', '.join(sorted(known))})"
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(sorted(known))})"
     return f"unknown key {key!r}{hint}"
 
 
@@ -154,7 +151,7 @@ def _model_in(annotation: Any) -> tuple[Any, bool]:
     """The BaseModel class in `annotation`, and whether it sits behind a dict's keys."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation, False
-    args = getattr(annotation, "__args__", ())
+    args: tuple[Any, ...] = getattr(annotation, "__args__", ())
     if getattr(annotation, "__origin__", None) is dict and len(args) == 2:
         inner, _ = _model_in(args[1])
         return inner, True
