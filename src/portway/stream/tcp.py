@@ -20,8 +20,8 @@ from portway.addr import Network, family_of, format_hostport, parse_hostport
 from portway.errors import ProxyProtocolError
 from portway.logs import BurstLog
 from portway.proxy_protocol import ProxyHeader, build_v1, build_v2, classify_prefix, maybe_parse_header
-from portway.stream.base import Address, Hook, HookContext, StreamDescription, addr_str
 from portway.stream.accept import Listener, serve_tcp
+from portway.stream.base import Address, Hook, HookContext, StreamDescription, addr_str
 from portway.stream.listen import bind_socket, listen_family
 from portway.stream.resolve import SockAddr, TargetResolver
 
@@ -127,10 +127,8 @@ class _Client(asyncio.Protocol):
         self.transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
 
     def _admitted(self) -> None:
         stream = self.stream
@@ -203,7 +201,10 @@ class _Client(asyncio.Protocol):
 
     def idle_expired(self) -> None:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("idle timeout", extra={**self.stream.fields, "client": addr_str(self.client), "action": "idle"})
+            log.debug(
+                "idle timeout",
+                extra={**self.stream.fields, "client": addr_str(self.client), "action": "idle"},
+            )
         _abort(self.transport)
         _abort(self.target)
 
@@ -225,7 +226,12 @@ class _Client(asyncio.Protocol):
         except Exception as exc:
             log.info(
                 "rejected by pre_dial hook",
-                extra={**stream.fields, "client": addr_str(self.client), "action": "reject", "error": repr(exc)},
+                extra={
+                    **stream.fields,
+                    "client": addr_str(self.client),
+                    "action": "reject",
+                    "error": repr(exc),
+                },
             )
             _abort(self.transport)
             return
@@ -323,7 +329,12 @@ class _HookedClient(_Client):
             except Exception as exc:
                 log.info(
                     "closed by on_read hook",
-                    extra={**stream.fields, "client": addr_str(self.client), "action": "reject", "error": repr(exc)},
+                    extra={
+                        **stream.fields,
+                        "client": addr_str(self.client),
+                        "action": "reject",
+                        "error": repr(exc),
+                    },
                 )
                 _abort(self.transport)
                 _abort(self.target)
@@ -541,8 +552,12 @@ class TCPStream:
         self._attached = False
         self._refusals = BurstLog(5.0)
         self.resolver = TargetResolver(
-            target_hp.host, target_hp.port, family=family_of(network), kind=socket.SOCK_STREAM,
-            interval=resolve_interval, route=name,
+            target_hp.host,
+            target_hp.port,
+            family=family_of(network),
+            kind=socket.SOCK_STREAM,
+            interval=resolve_interval,
+            route=name,
         )
         self.conns: set[_Client] = set()
         self.pre_dial: Hook | None = None
@@ -565,7 +580,11 @@ class TCPStream:
 
     def describe(self) -> StreamDescription:
         proto = f"{self.network}->{self.network}"
-        listen = format_hostport(*self._local) if self._local else format_hostport(self.listen_host, self.listen_port)
+        listen = (
+            format_hostport(*self._local)
+            if self._local
+            else format_hostport(self.listen_host, self.listen_port)
+        )
         return StreamDescription(proto, listen, str(self.resolver))
 
     async def prepare(self) -> None:
@@ -576,8 +595,13 @@ class TCPStream:
         await self.resolver.start()
         family, v6only = listen_family(self.listen_host, family_of(self.network))
         self._sock = bind_socket(
-            self.listen_host, self.listen_port, family=family, kind=socket.SOCK_STREAM, v6only=v6only,
-            reuse_port=self.reuse_port, name=self.name,
+            self.listen_host,
+            self.listen_port,
+            family=family,
+            kind=socket.SOCK_STREAM,
+            v6only=v6only,
+            reuse_port=self.reuse_port,
+            name=self.name,
         )
         host, port = self._sock.getsockname()[:2]
         self._local = (host, port)
@@ -671,7 +695,9 @@ class TCPStream:
 
     def dial_failed(self, client: Address, exc: BaseException) -> None:
         self.resolver.dial_failed()
-        reason = "timed out" if isinstance(exc, TimeoutError) else (getattr(exc, "strerror", None) or str(exc))
+        reason = (
+            "timed out" if isinstance(exc, TimeoutError) else (getattr(exc, "strerror", None) or str(exc))
+        )
         exhausted = isinstance(exc, OSError) and exc.errno in _FD_EXHAUSTED
         if exhausted:
             emit, suppressed = self._dial_errors.hit()
@@ -691,8 +717,13 @@ class TCPStream:
         if emit and log.isEnabledFor(logging.INFO):
             log.info(
                 f"refused: {reason}",
-                extra={**self.fields, "client": addr_str(peer), "action": "refuse", "error": reason,
-                       "suppressed": suppressed},
+                extra={
+                    **self.fields,
+                    "client": addr_str(peer),
+                    "action": "refuse",
+                    "error": reason,
+                    "suppressed": suppressed,
+                },
             )
 
     def _refresh_fields(self) -> None:

@@ -9,6 +9,7 @@ datagram and so may reorder them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from typing import TYPE_CHECKING, Any, cast
@@ -89,8 +90,10 @@ class _Session(asyncio.DatagramProtocol):
         # ICMP port unreachable from the target surfaces here on a connected socket: the target
         # is down for now, which is no reason to drop the session, let alone the listener.
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("target error", extra={**self.stream.fields, "client": _client_str(self.client),
-                                            "error": str(exc)})
+            log.debug(
+                "target error",
+                extra={**self.stream.fields, "client": _client_str(self.client), "error": str(exc)},
+            )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stream.sessions.remove(self.client, self)
@@ -136,8 +139,15 @@ class _HookedSession(_Session):
                 try:
                     await stream.on_read(stream.hook_context(self.client, direction, data))
                 except Exception as exc:
-                    log.info("closed by on_read hook", extra={**stream.fields, "client": _client_str(self.client),
-                                                             "action": "reject", "error": repr(exc)})
+                    log.info(
+                        "closed by on_read hook",
+                        extra={
+                            **stream.fields,
+                            "client": _client_str(self.client),
+                            "action": "reject",
+                            "error": repr(exc),
+                        },
+                    )
                     self.backlog.clear()
                     stream.sessions.remove(self.client, self)
                     self.close()
@@ -233,8 +243,12 @@ class UDPStream:
         self.relay_proxy_protocol = relay_proxy_protocol
         self._attached = False
         self.resolver = TargetResolver(
-            target_hp.host, target_hp.port, family=family_of(network), kind=socket.SOCK_DGRAM,
-            interval=resolve_interval, route=name,
+            target_hp.host,
+            target_hp.port,
+            family=family_of(network),
+            kind=socket.SOCK_DGRAM,
+            interval=resolve_interval,
+            route=name,
         )
         self.sessions: SessionTable[Any, _Session] = SessionTable(max_sessions, IDLE_TICKS)
         self.pre_dial: Hook | None = None
@@ -255,7 +269,11 @@ class UDPStream:
         return self._local
 
     def describe(self) -> StreamDescription:
-        listen = format_hostport(*self._local) if self._local else format_hostport(self.listen_host, self.listen_port)
+        listen = (
+            format_hostport(*self._local)
+            if self._local
+            else format_hostport(self.listen_host, self.listen_port)
+        )
         return StreamDescription(f"{self.network}->{self.network}", listen, str(self.resolver))
 
     async def prepare(self) -> None:
@@ -266,8 +284,13 @@ class UDPStream:
         await self.resolver.start()
         family, v6only = listen_family(self.listen_host, family_of(self.network))
         self._sock = bind_socket(
-            self.listen_host, self.listen_port, family=family, kind=socket.SOCK_DGRAM, v6only=v6only,
-            reuse_port=self.reuse_port, name=self.name,
+            self.listen_host,
+            self.listen_port,
+            family=family,
+            kind=socket.SOCK_DGRAM,
+            v6only=v6only,
+            reuse_port=self.reuse_port,
+            name=self.name,
         )
         _grow_buffers(self._sock)
         host, port = self._sock.getsockname()[:2]
@@ -331,8 +354,12 @@ class UDPStream:
 
     def hook_context(self, client: Any, direction: str | None = None, data: bytes = b"") -> HookContext:
         return HookContext(
-            route=self.name, client=(client[0], client[1]), listen=self._local or (self.listen_host, self.listen_port),
-            target=str(self.resolver), direction=direction, data=data,  # type: ignore[arg-type]
+            route=self.name,
+            client=(client[0], client[1]),
+            listen=self._local or (self.listen_host, self.listen_port),
+            target=str(self.resolver),
+            direction=direction,
+            data=data,  # type: ignore[arg-type]
         )
 
     def relay_header_for(self, client: Any) -> bytes:
@@ -357,8 +384,13 @@ class UDPStream:
             if emit:
                 log.warning(
                     "session limit reached, datagram dropped",
-                    extra={**self.fields, "client": _client_str(client), "action": "refuse",
-                           "max_sessions": self.sessions.capacity, "suppressed": suppressed},
+                    extra={
+                        **self.fields,
+                        "client": _client_str(client),
+                        "action": "refuse",
+                        "max_sessions": self.sessions.capacity,
+                        "suppressed": suppressed,
+                    },
                 )
             return
         session = self._session_class(self, client)
@@ -374,8 +406,15 @@ class UDPStream:
             try:
                 await self.pre_dial(self.hook_context(client))
             except Exception as exc:
-                log.info("rejected by pre_dial hook", extra={**self.fields, "client": _client_str(client),
-                                                            "action": "reject", "error": repr(exc)})
+                log.info(
+                    "rejected by pre_dial hook",
+                    extra={
+                        **self.fields,
+                        "client": _client_str(client),
+                        "action": "reject",
+                        "error": repr(exc),
+                    },
+                )
                 self.sessions.remove(client, session)
                 session.queue = None
                 return
@@ -397,9 +436,16 @@ class UDPStream:
             self.resolver.dial_failed()
             emit, suppressed = self._setup_log.hit()
             if emit:
-                log.error("session setup failed", extra={**self.fields, "client": _client_str(client),
-                                                         "action": "dial", "error": exc.strerror or str(exc),
-                                                         "suppressed": suppressed})
+                log.error(
+                    "session setup failed",
+                    extra={
+                        **self.fields,
+                        "client": _client_str(client),
+                        "action": "dial",
+                        "error": exc.strerror or str(exc),
+                        "suppressed": suppressed,
+                    },
+                )
             return
         if session.queue is None:  # the stream closed while we were setting up
             session.close()
@@ -415,13 +461,14 @@ class UDPStream:
             await asyncio.sleep(interval)
             for client, session in self.sessions.tick():
                 if log.isEnabledFor(logging.DEBUG):
-                    log.debug("session expired", extra={**self.fields, "client": _client_str(client), "action": "expire"})
+                    log.debug(
+                        "session expired",
+                        extra={**self.fields, "client": _client_str(client), "action": "expire"},
+                    )
                 session.close()
 
 
 def _grow_buffers(sock: socket.socket) -> None:
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        except OSError:
-            pass
