@@ -13,6 +13,8 @@ from typing import Literal, Protocol
 from portway.addr import format_hostport
 
 Address = tuple[str, int]
+#: Which side bytes came from, for `on_read` hooks.
+Direction = Literal["client", "target"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +26,7 @@ class HookContext:
     listen: Address
     target: str
     #: For `on_read`: which side the bytes came from, and the bytes themselves.
-    direction: Literal["client", "target"] | None = None
+    direction: Direction | None = None
     data: bytes = b""
 
 

@@ -21,7 +21,7 @@ from portway.errors import ProxyProtocolError
 from portway.logs import BurstLog
 from portway.proxy_protocol import ProxyHeader, build_v1, build_v2, classify_prefix, maybe_parse_header
 from portway.stream.accept import Listener, serve_tcp
-from portway.stream.base import Address, Hook, HookContext, StreamDescription, addr_str
+from portway.stream.base import Address, Direction, Hook, HookContext, StreamDescription, addr_str
 from portway.stream.listen import bind_socket, listen_family
 from portway.stream.resolve import SockAddr, TargetResolver
 
@@ -320,7 +320,7 @@ class _HookedClient(_Client):
         _pause(self.transport)
         self.stream.loop.create_task(self._run_hook("client", pending))
 
-    async def _run_hook(self, direction: str, chunks: list[bytes]) -> None:
+    async def _run_hook(self, direction: Direction, chunks: list[bytes]) -> None:
         stream = self.stream
         assert stream.on_read is not None
         for data in chunks:
@@ -663,13 +663,15 @@ class TCPStream:
 
     target_protocol = _Target
 
-    def hook_context(self, client: Address, direction: str | None = None, data: bytes = b"") -> HookContext:
+    def hook_context(
+        self, client: Address, direction: Direction | None = None, data: bytes = b""
+    ) -> HookContext:
         return HookContext(
             route=self.name,
             client=client,
             listen=self._local or (self.listen_host, self.listen_port),
             target=str(self.resolver),
-            direction=direction,  # type: ignore[arg-type]
+            direction=direction,
             data=data,
         )
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 from portway.addr import Network, family_of, format_hostport, parse_hostport
 from portway.logs import BurstLog
 from portway.proxy_protocol import build_v2
-from portway.stream.base import Address, Hook, HookContext, StreamDescription
+from portway.stream.base import Address, Direction, Hook, HookContext, StreamDescription
 from portway.stream.listen import bind_socket, listen_family
 from portway.stream.resolve import TargetResolver
 from portway.stream.sessions import SessionTable
@@ -113,7 +113,7 @@ class _HookedSession(_Session):
 
     def __init__(self, stream: UDPStream, client: Any) -> None:
         super().__init__(stream, client)
-        self.backlog: list[tuple[str, bytes]] = []
+        self.backlog: list[tuple[Direction, bytes]] = []
         self.running = False
 
     def send(self, data: bytes) -> None:
@@ -122,7 +122,7 @@ class _HookedSession(_Session):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self._enqueue("target", data)
 
-    def _enqueue(self, direction: str, data: bytes) -> None:
+    def _enqueue(self, direction: Direction, data: bytes) -> None:
         if len(self.backlog) >= QUEUE_LIMIT:
             return
         self.backlog.append((direction, data))
@@ -352,14 +352,14 @@ class UDPStream:
         ):
             transport.sendto(data, client)
 
-    def hook_context(self, client: Any, direction: str | None = None, data: bytes = b"") -> HookContext:
+    def hook_context(self, client: Any, direction: Direction | None = None, data: bytes = b"") -> HookContext:
         return HookContext(
             route=self.name,
             client=(client[0], client[1]),
             listen=self._local or (self.listen_host, self.listen_port),
             target=str(self.resolver),
             direction=direction,
-            data=data,  # type: ignore[arg-type]
+            data=data,
         )
 
     def relay_header_for(self, client: Any) -> bytes:
