@@ -168,7 +168,7 @@ class _Direction:
 class _PumpBase:
     """Shared control logic: readiness callbacks, half-close, completion. Subclasses move bytes."""
 
-    __slots__ = ("_closed", "_dirs", "_done", "_loop")
+    __slots__ = ("_chunk", "_closed", "_dirs", "_done", "_loop")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket, on_done: PumpDone
@@ -177,6 +177,7 @@ class _PumpBase:
         self._done = on_done
         self._closed = False
         self._dirs = (_Direction(a, b), _Direction(b, a))
+        self._chunk = _FALLBACK_CHUNK  # bytes one _fill asks for
 
     # -- byte movers, provided by subclasses -------------------------------------------------
     def _fill(self, d: _Direction) -> int:  # pragma: no cover - abstract
@@ -258,6 +259,11 @@ class _PumpBase:
                         self._loop.remove_reader(d.src)
                         self._loop.add_writer(d.dst, self._on_writable, d)
                         return
+                if n < self._chunk:
+                    # A short read means the socket is (almost surely) empty: skip the splice
+                    # that would only fail with EAGAIN. Readiness is level-triggered, so anything
+                    # that arrived meanwhile wakes us again.
+                    break
             self._release_if_empty(d)
         except OSError as exc:
             self._fail(exc)
@@ -293,7 +299,7 @@ class _PumpBase:
 class SplicePump(_PumpBase):
     """Relay with ``os.splice`` through a pooled kernel pipe (Linux)."""
 
-    __slots__ = ("_chunk", "_pool")
+    __slots__ = ("_pool",)
 
     def __init__(
         self,
