@@ -65,11 +65,131 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup_logging(level: str = "info", fmt: LogFormat = "console") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if fmt == "json" else ConsoleFormatter())
+class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes lines in batches, and takes pre-rendered connection lines.
+
+    A proxy logs every accepted connection; one `write` per line is a syscall per connection.
+    Lines are collected and written once per batch (at most `FLUSH_DELAY` later, at once for
+    warnings and errors, which also keeps their order with what came before). Lines from other
+    threads (the Docker watcher) are written at once.
+    """
+
+    FLUSH_DELAY = 0.05
+    MAX_BATCH = 512
+
+    def __init__(self, stream: Any, fmt: LogFormat) -> None:
+        super().__init__(stream)
+        self.fmt = fmt
+        self.setFormatter(JSONFormatter() if fmt == "json" else ConsoleFormatter())
+        self._lines: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._add(line, urgent=record.levelno >= logging.WARNING)
+
+    def write_line(self, line: str) -> None:
+        """Add a pre-rendered line (see `ConnectionLog`)."""
+        with self.lock:  # type: ignore[union-attr]
+            self._add(line, urgent=False)
+
+    def _add(self, line: str, *, urgent: bool) -> None:
+        self._lines.append(line)
+        if urgent or len(self._lines) >= self.MAX_BATCH:
+            self._write()
+            return
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._write()
+                return
+            self._timer = loop.call_later(self.FLUSH_DELAY, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._timer = None
+            self._write()
+
+    def _write(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._lines:
+            return
+        text = "\n".join(self._lines) + "\n"
+        self._lines.clear()
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr closed or a broken pipe must never take the proxy down
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write()
+
+
+class ConnectionLog:
+    """INFO lines for accepted connections, rendered once per stream and finished per client.
+
+    Building a LogRecord, copying the fields and formatting them costs more than the rest of
+    accepting a connection; the fields are the same for every connection of a stream, so the
+    line is pre-rendered and only the timestamp and client are filled in. Used only while
+    `setup_logging` installed a `BatchingHandler` and INFO is enabled; otherwise streams log
+    through `logging` as usual.
+    """
+
+    __slots__ = ("_handler", "_json_prefix", "_kv", "_message")
+
+    def __init__(self, handler: BatchingHandler, logger: str, message: str, fields: dict[str, str]) -> None:
+        self._handler = handler
+        self._message = message
+        ordered = [k for k in _ORDER if k in fields and k != "client"]
+        ordered += sorted(k for k in fields if k not in _ORDER)
+        self._kv = " ".join(f"{k}={_console_value(fields[k])}" for k in ordered)
+        head = {"level": "info", "logger": logger, "event": message, **fields}
+        self._json_prefix = json.dumps(head, default=str)[1:-1]
+
+    def log(self, client: str) -> None:
+        now = time.time()
+        if self._handler.fmt == "json":
+            line = f'{{"ts": {now:.6f}, {self._json_prefix}, "client": "{client}"}}'
+        else:
+            line = f"{_console_time(now)} INFO  {self._message}  {self._kv} client={client}"
+        self._handler.write_line(line)
+
+
+_last_second = -1
+_last_stamp = ""
+
+
+def _console_time(now: float) -> str:
+    global _last_second, _last_stamp
+    second = int(now)
+    if second != _last_second:
+        _last_second, _last_stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(second))
+    return _last_stamp
+
+
+def connection_log(logger: logging.Logger, message: str, fields: dict[str, str]) -> ConnectionLog | None:
+    """A fast per-connection logger for `fields`, or None to log through `logger` as usual."""
+    if not logger.isEnabledFor(logging.INFO):
+        return None
     root = logging.getLogger("portway")
-    root.handlers[:] = [handler]
+    handlers = root.handlers
+    if len(handlers) != 1 or not isinstance(handlers[0], BatchingHandler):
+        return None
+    return ConnectionLog(handlers[0], logger.name, message, fields)
+
+
+def setup_logging(level: str = "info", fmt: LogFormat = "console") -> None:
+    root = logging.getLogger("portway")
+    root.handlers[:] = [BatchingHandler(sys.stderr, fmt)]
     root.setLevel(level.upper())
     root.propagate = False
 

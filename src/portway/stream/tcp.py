@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from portway.addr import Network, family_of, format_hostport, parse_hostport
 from portway.errors import ProxyProtocolError
-from portway.logs import BurstLog
+from portway.logs import BurstLog, connection_log
 from portway.proxy_protocol import ProxyHeader, build_v1, build_v2, classify_prefix, maybe_parse_header
 from portway.stream.accept import Listener, serve_tcp
 from portway.stream.base import Address, Direction, Hook, HookContext, StreamDescription, addr_str
@@ -132,8 +132,8 @@ class _Client(asyncio.Protocol):
 
     def _admitted(self) -> None:
         stream = self.stream
-        if stream.log_conns and log.isEnabledFor(logging.INFO):
-            log.info("accepted", extra={**stream.fields, "client": addr_str(self.client), "action": "accept"})
+        if stream.log_conns:
+            stream.log_accepted(self.client)
         self.dial_task = stream.loop.create_task(self._dial())
 
     def data_received(self, data: bytes) -> None:
@@ -630,6 +630,14 @@ class TCPStream:
         if self.idle_timeout > 0:
             self._sweeper = self.loop.create_task(self._sweep_idle())
 
+    def log_accepted(self, client: Address) -> None:
+        """The INFO line for an accepted connection, pre-rendered when logging allows it."""
+        fast = self._conn_log
+        if fast is not None:
+            fast.log(addr_str(client))
+        elif log.isEnabledFor(logging.INFO):
+            log.info("accepted", extra={**self.fields, "client": addr_str(client), "action": "accept"})
+
     async def close(self) -> None:
         """Stop accepting, then close every live connection (buffered bytes are flushed first)."""
         if self._server is not None:
@@ -730,6 +738,7 @@ class TCPStream:
 
     def _refresh_fields(self) -> None:
         self.fields = {"route": self.name, **self.describe().as_fields()}
+        self._conn_log = connection_log(log, "accepted", {**self.fields, "action": "accept"})
 
     async def _sweep_idle(self) -> None:
         # Activity resets a per-connection tick counter (one store on the hot path); the sweeper

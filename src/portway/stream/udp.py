@@ -15,7 +15,7 @@ import socket
 from typing import TYPE_CHECKING, Any, cast
 
 from portway.addr import Network, family_of, format_hostport, parse_hostport
-from portway.logs import BurstLog
+from portway.logs import BurstLog, connection_log
 from portway.proxy_protocol import build_v2
 from portway.stream.base import Address, Direction, Hook, HookContext, StreamDescription
 from portway.stream.listen import bind_socket, listen_family
@@ -397,7 +397,12 @@ class UDPStream:
         self.sessions.add(client, session)
         session.send(data)
         if log.isEnabledFor(logging.INFO):
-            log.info("new session", extra={**self.fields, "client": _client_str(client), "action": "accept"})
+            if self._conn_log is not None:
+                self._conn_log.log(_client_str(client))
+            else:
+                log.info(
+                    "new session", extra={**self.fields, "client": _client_str(client), "action": "accept"}
+                )
         self.loop.create_task(self._open(session))
 
     async def _open(self, session: _Session) -> None:
@@ -454,6 +459,7 @@ class UDPStream:
 
     def _refresh_fields(self) -> None:
         self.fields = {"route": self.name, **self.describe().as_fields()}
+        self._conn_log = connection_log(log, "new session", {**self.fields, "action": "accept"})
 
     async def _sweep_idle(self) -> None:
         interval = self.idle_timeout / IDLE_TICKS
