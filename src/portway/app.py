@@ -18,12 +18,13 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from watchfiles import awatch
 
-from portway.config.schema import Config
+from portway.addr import PortSpec
+from portway.config.schema import Config, RouteConfig
 from portway.config.sources import Sources, load_sources
 from portway.errors import ConfigError
 from portway.logs import LoopErrorLog
@@ -43,8 +44,20 @@ WATCH_STEP_MS = 50
 class LiveServer:
     """A `Server` whose routes follow the config file, its includes and the Docker providers."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        reuse_port: bool = False,
+        port_overrides: Mapping[str, int] | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
         self.path = Path(path)
+        #: Worker processes share listeners (SO_REUSEPORT); routes written with listening port 0
+        #: get the port the supervisor picked for all of them, so every worker binds the same one.
+        self.reuse_port = reuse_port
+        self.port_overrides = dict(port_overrides or {})
+        self.on_ready = on_ready
         self.server: Server | None = None
         self.sources: Sources | None = None
         self.providers: dict[tuple[str, str, bool], DockerProvider] = {}
@@ -67,7 +80,7 @@ class LiveServer:
     async def run(self, stop: asyncio.Event, *, shutdown_grace: float) -> None:
         """Start everything, reload on demand until `stop` is set, then shut down gracefully."""
         self.sources = load_sources(self.path)
-        self.server = Server(self._wanted())
+        self.server = Server(self._wanted(), reuse_port=self.reuse_port)
         await self.server.start()  # the file's routes, all or nothing; Docker routes follow
         try:
             self._sync_providers()
@@ -78,6 +91,8 @@ class LiveServer:
                 extra={"routes": len(self.server.streams), "loop": loop_name(loop), "action": "ready"},
             )
             self.ready.set()
+            if self.on_ready is not None:
+                self.on_ready()
             stopping = loop.create_task(stop.wait())
             while not stop.is_set():
                 waking = loop.create_task(self._wake.wait())
@@ -152,7 +167,10 @@ class LiveServer:
         )
         for problem in merged.problems:
             log.error(problem, extra={"action": "merge"})
-        return self.sources.config.model_copy(update={"routes": merged.routes})
+        routes = merged.routes
+        if self.port_overrides:
+            routes = {name: _with_override(name, r, self.port_overrides) for name, r in routes.items()}
+        return self.sources.config.model_copy(update={"routes": routes})
 
     def _sync_providers(self) -> None:
         """Start providers the config now names and stop those it no longer does."""
@@ -199,16 +217,30 @@ class LiveServer:
             log.error("cannot watch the config files; reload with SIGHUP", extra={"error": str(exc)})
 
 
+def _with_override(name: str, route: RouteConfig, overrides: Mapping[str, int]) -> RouteConfig:
+    port = overrides.get(name)
+    if port is None or route.port.listening != 0:
+        return route
+    return route.model_copy(update={"port": PortSpec(port, route.port.target)})
+
+
 def _absolute(paths: tuple[Path, ...]) -> frozenset[str]:
     return frozenset(os.path.abspath(p) for p in paths)
 
 
-async def serve_live(path: str | Path, shutdown_grace: float) -> None:
+async def serve_live(
+    path: str | Path,
+    shutdown_grace: float,
+    *,
+    reuse_port: bool = False,
+    port_overrides: Mapping[str, int] | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
     """Serve `path` until SIGINT/SIGTERM; reload on SIGHUP and whenever a config file changes."""
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(LoopErrorLog())  # e.g. accept() out of descriptors: once per burst
     stop = asyncio.Event()
-    app = LiveServer(path)
+    app = LiveServer(path, reuse_port=reuse_port, port_overrides=port_overrides, on_ready=on_ready)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app.request_reload)

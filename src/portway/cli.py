@@ -7,16 +7,18 @@ extend to every configuration error so scripts can tell "bad input" from "failed
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
+import socket
 import sys
-from typing import NoReturn
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn
 
 import click
 
 from portway import __version__
-from portway.addr import format_hostport, is_udp
+from portway.addr import family_of, format_hostport, is_udp
+from portway.app import serve_live
 from portway.config.durations import format_duration
 from portway.config.load import load_config_file
 from portway.config.schema import Config
@@ -24,6 +26,8 @@ from portway.errors import ConfigError, PortwayError
 from portway.logs import LoopErrorLog, setup_logging
 from portway.loops import loop_factory, loop_name
 from portway.server import Server
+from portway.stream.listen import bind_socket, listen_family
+from portway.supervisor import Supervisor, cpu_count
 
 log = logging.getLogger("portway")
 
@@ -81,9 +85,36 @@ def serve(config_path: str, log_format: str, log_level: str, loop_kind: str | No
     setup_logging(log_level, log_format)  # type: ignore[arg-type]
     try:
         config = load_config_file(config_path)
-    except ConfigError as exc:
+        factory = loop_factory(loop_kind)
+    except (ConfigError, ValueError) as exc:
         _fail(exc, EXIT_CONFIG)
-    _run(config, loop_kind, grace, config_path=config_path)
+    workers = config.workers or cpu_count()
+    if workers == 1:
+        _run(factory, lambda: serve_live(config_path, grace))
+        return
+    try:
+        overrides = reserve_listeners(config)
+    except PortwayError as exc:
+        _fail(exc, EXIT_RUNTIME)
+
+    def worker(index: int, ready: Callable[[], None]) -> int:
+        root = logging.getLogger("portway")
+        root.addFilter(_WorkerField(index))
+
+        def serving() -> None:
+            for handler in root.handlers:
+                handler.flush()  # this worker's start lines come before the supervisor's
+            ready()
+
+        return _run(
+            factory,
+            lambda: serve_live(
+                config_path, grace, reuse_port=True, port_overrides=overrides, on_ready=serving
+            ),
+            exit_on_error=False,
+        )
+
+    sys.exit(Supervisor(workers, worker, grace=grace).run())
 
 
 @main.command()
@@ -110,22 +141,36 @@ def check(config_path: str) -> None:
 @_loop
 def demo(tcp_port: int, udp_port: int, log_format: str, log_level: str, loop_kind: str | None) -> None:
     """Start echo targets on loopback and routes to them, then print how to try it."""
+    setup_logging(log_level, log_format)  # type: ignore[arg-type]
+    try:
+        factory = loop_factory(loop_kind)
+    except ValueError as exc:
+        _fail(exc, EXIT_CONFIG)
+    _run(factory, lambda: _demo(tcp_port, udp_port))
+
+
+async def _demo(tcp_port: int, udp_port: int) -> None:
     from portway.demo import EchoTargets, demo_config, instructions
 
-    setup_logging(log_level, log_format)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(LoopErrorLog())
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     targets = EchoTargets()
-
-    async def setup() -> Config:
-        tcp_target, udp_target = await targets.start()
-        return demo_config(tcp_port, udp_port, tcp_target, udp_target)
-
-    async def ready(server: Server) -> None:
-        tcp = server.streams["demo-tcp"].local_addr
-        udp = server.streams["demo-udp"].local_addr
+    tcp_target, udp_target = await targets.start()
+    server = Server(demo_config(tcp_port, udp_port, tcp_target, udp_target))
+    try:
+        await server.start()
+        tcp, udp = server.streams["demo-tcp"].local_addr, server.streams["demo-udp"].local_addr
         assert tcp is not None and udp is not None
+        log.info("portway serving", extra={"routes": 2, "loop": loop_name(loop), "action": "ready"})
         click.echo(instructions(tcp[1], udp[1]), err=True)
-
-    _run(None, loop_kind, 1.0, setup=setup, ready=ready, teardown=targets.stop)
+        await stop.wait()
+        log.info("shutting down", extra={"action": "shutdown"})
+    finally:
+        await server.stop(1.0)
+        await targets.stop()
 
 
 def format_routes(config: Config) -> str:
@@ -147,58 +192,69 @@ def format_routes(config: Config) -> str:
     )
 
 
-def _run(  # type: ignore[no-untyped-def]
-    config: Config | None,
-    loop_kind: str | None,
-    grace: float,
+def _run(
+    factory: Callable[[], asyncio.AbstractEventLoop],
+    main: Callable[[], Coroutine[Any, Any, None]],
     *,
-    setup=None,
-    ready=None,
-    teardown=None,
-    config_path: str | None = None,
-) -> None:
-    try:
-        factory = loop_factory(loop_kind)
-    except ValueError as exc:
-        _fail(exc, EXIT_CONFIG)
+    exit_on_error: bool = True,
+) -> int:
+    """Run `main` on a fresh loop; errors become one line and an exit status, never a traceback."""
+    status = 0
     with asyncio.Runner(loop_factory=factory) as runner:
         try:
-            runner.run(_serve(config, grace, setup, ready, teardown, config_path))
+            runner.run(main())
         except ConfigError as exc:
-            _fail(exc, EXIT_CONFIG)
+            status = EXIT_CONFIG
+            error: PortwayError = exc
         except PortwayError as exc:
-            _fail(exc, EXIT_RUNTIME)
+            status = EXIT_RUNTIME
+            error = exc
+    if status and exit_on_error:
+        _fail(error, status)
+    elif status:
+        click.echo(f"portway: error: {error}", err=True)
+    return status
 
 
-async def _serve(config, grace, setup, ready, teardown, config_path=None) -> None:  # type: ignore[no-untyped-def]
-    if config_path is not None:
-        # `serve`: reloads on file changes and SIGHUP, and merges Docker routes (see portway.app).
-        from portway.app import serve_live
+def reserve_listeners(config: Config) -> dict[str, int]:
+    """Check every listener can bind (with SO_REUSEPORT, as workers will) and pick ports for 0.
 
-        await serve_live(config_path, grace)
-        return
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(LoopErrorLog())
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if setup is not None:
-        config = await setup()
-    server = Server(config)
+    The main process does this before forking, so a port in use is one clear error rather than N
+    failing workers, and routes written with listening port 0 get one port all workers share.
+    The probe sockets are closed again: a bound UDP socket in the group would receive datagrams.
+    """
+    overrides: dict[str, int] = {}
+    probes = []
     try:
-        await server.start()
-    except BaseException:
-        if teardown is not None:
-            await teardown()
-        raise
-    log.info(
-        "portway serving", extra={"routes": len(server.streams), "loop": loop_name(loop), "action": "ready"}
-    )
-    if ready is not None:
-        await ready(server)
-    await stop.wait()
-    log.info("shutting down", extra={"action": "shutdown", "grace_s": grace})
-    await server.stop(grace)
-    if teardown is not None:
-        with contextlib.suppress(Exception):
-            await teardown()
+        for name, route in config.routes.items():
+            host = route.listen_host()
+            family, v6only = listen_family(host, family_of(route.scheme))
+            kind = socket.SOCK_DGRAM if is_udp(route.scheme) else socket.SOCK_STREAM
+            sock = bind_socket(
+                host,
+                route.port.listening,
+                family=family,
+                kind=kind,
+                v6only=v6only,
+                reuse_port=True,
+                name=name,
+            )
+            probes.append(sock)
+            if route.port.listening == 0:
+                overrides[name] = sock.getsockname()[1]
+    finally:
+        for sock in probes:
+            sock.close()
+    return overrides
+
+
+class _WorkerField(logging.Filter):
+    """Tags every log record of a worker process with its index."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
