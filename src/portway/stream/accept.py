@@ -8,6 +8,10 @@ one retry per remaining iteration of `backlog`, so a listener with backlog 4096 
 of retries per wake-up and burns a core for as long as the shortage lasts (found by
 tests/test_faults.py). On stock asyncio we therefore accept ourselves: on EMFILE/ENFILE we stop
 watching the socket, back off (doubling, capped), log once per burst, and resume by ourselves.
+
+The raw-socket engine (`tcp_splice.py`) wants the accepted `socket.socket` itself, not a
+transport, so `serve_tcp_sockets` runs the same acceptor under both loops and hands each socket
+to a callback: no task, no transport, no protocol object per connection.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 from portway.loops import loop_name
+
+#: Takes ownership of an accepted, non-blocking socket and the peer address `accept` returned.
+SocketHandler = Callable[[socket.socket, Any], None]
 
 log = logging.getLogger("portway.accept")
 
@@ -39,16 +46,21 @@ class Listener:
 
 
 class _AsyncioAcceptor(Listener):
+    """Accepts in batches from `add_reader`; adopts each socket as a transport (`factory`) or
+    hands it to `on_socket`."""
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
-        factory: Callable[[], asyncio.Protocol],
+        factory: Callable[[], asyncio.Protocol] | None,
         fields: dict[str, str],
+        on_socket: SocketHandler | None = None,
     ) -> None:
         self.loop = loop
         self.sock = sock
         self.factory = factory
+        self.on_socket = on_socket
         self.fields = fields
         self.backoff = _BACKOFF_MIN
         self.retry: asyncio.TimerHandle | None = None
@@ -59,9 +71,10 @@ class _AsyncioAcceptor(Listener):
         loop.add_reader(sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
+        accept, on_socket = self.sock.accept, self.on_socket
         for _ in range(_BATCH):
             try:
-                conn, _addr = self.sock.accept()
+                conn, addr = accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 break
             except OSError as exc:
@@ -71,6 +84,16 @@ class _AsyncioAcceptor(Listener):
                 log.error("accept failed", extra={**self.fields, "action": "accept", "error": str(exc)})
                 break
             conn.setblocking(False)
+            if on_socket is not None:
+                try:
+                    on_socket(conn, addr)
+                except Exception:
+                    # The handler owns the socket once called and must clean up after itself;
+                    # an escaping error is a bug, and must not stop the listener.
+                    log.exception(
+                        "accepted connection handler failed", extra={**self.fields, "action": "accept"}
+                    )
+                continue
             task = self.loop.create_task(self._adopt(conn))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -86,6 +109,7 @@ class _AsyncioAcceptor(Listener):
             self.backoff = _BACKOFF_MIN
 
     async def _adopt(self, conn: socket.socket) -> None:
+        assert self.factory is not None
         try:
             await self.loop.connect_accepted_socket(self.factory, conn)
         except OSError:
@@ -145,3 +169,17 @@ async def serve_tcp(
     if loop_name(loop) == "uvloop":
         return _ServerListener(await loop.create_server(factory, sock=sock, backlog=backlog))
     return _AsyncioAcceptor(loop, sock, factory, fields)
+
+
+def serve_tcp_sockets(
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    on_socket: SocketHandler,
+    fields: dict[str, str],
+) -> Listener:
+    """Accept on a bound, listening socket under any loop, handing each socket to `on_socket`.
+
+    Used on uvloop too: `create_server` would wrap every socket in a transport we do not want,
+    and libuv's own EMFILE handling is replaced by the same back-off as on stock asyncio.
+    """
+    return _AsyncioAcceptor(loop, sock, None, fields, on_socket)

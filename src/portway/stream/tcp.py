@@ -1,6 +1,11 @@
 """The TCP stream: accept, dial the target, and relay both ways with half-close and backpressure.
 
-The data path is two asyncio protocols wired to each other's transports; on uvloop the reads,
+Two engines move the bytes. On Linux, plain forwarding (no `on_read` hook) uses the raw-socket
+engine in `tcp_splice.py`: accepted socket, non-blocking dial, then `os.splice` through pooled
+pipes, so bytes never enter user space and a new connection costs a few loop callbacks.
+
+The transport engine below is the portable one, and the one `on_read` hooks need (they must see
+the bytes): two asyncio protocols wired to each other's transports; on uvloop the reads,
 writes and buffering all happen in C and Python only sees one callback per chunk. Every transport
 call goes through the guards below: uvloop 0.23 was seen to abort the whole process ("double free
 or corruption") when a closing transport was written to or closed again during connection churn,
@@ -13,17 +18,20 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from portway.addr import Network, family_of, format_hostport, parse_hostport
 from portway.errors import ProxyProtocolError
 from portway.logs import BurstLog, connection_log
 from portway.proxy_protocol import ProxyHeader, build_v1, build_v2, classify_prefix, maybe_parse_header
-from portway.stream.accept import Listener, serve_tcp
+from portway.stream import splice
+from portway.stream.accept import Listener, serve_tcp, serve_tcp_sockets
 from portway.stream.base import Address, Direction, Hook, HookContext, StreamDescription, addr_str
 from portway.stream.listen import bind_socket, listen_family
 from portway.stream.resolve import SockAddr, TargetResolver
+from portway.stream.tcp_splice import SpliceConn
 
 if TYPE_CHECKING:
     from portway.admission import AccessControl, ProxyProtocolPolicy
@@ -38,6 +46,10 @@ LOW_WATER = 64 * 1024
 PENDING_LIMIT = 256 * 1024
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+Engine = Literal["auto", "splice", "transport"]
+#: Overrides `engine="auto"` (tests and benchmarks compare the engines with it).
+ENGINE_ENV = "PORTWAY_TCP_ENGINE"
 
 
 # --- transport guards -------------------------------------------------------------------------
@@ -198,6 +210,11 @@ class _Client(asyncio.Protocol):
             # Both directions are done: close() flushes whatever is still buffered, then closes.
             _close(self.transport)
             _close(self.target)
+
+    def idle_tick(self) -> int:
+        """Called by the stream's sweeper; every read resets `idle` to 0."""
+        self.idle += 1
+        return self.idle
 
     def idle_expired(self) -> None:
         if log.isEnabledFor(logging.DEBUG):
@@ -528,10 +545,15 @@ class TCPStream:
         access: AccessControl | None = None,
         proxy_protocol: ProxyProtocolPolicy | None = None,
         relay_proxy_protocol: int = 0,
+        engine: Engine = "auto",
     ) -> None:
         """`access` admits clients by address; `proxy_protocol` makes the listener read PROXY
         headers from trusted proxies; `relay_proxy_protocol` (1 or 2, 0 = off) sends a header of
-        that version to the target before any client byte."""
+        that version to the target before any client byte.
+
+        `engine`: "splice" relays on raw sockets (zero-copy with os.splice where it exists),
+        "transport" with asyncio transports; "auto" (the default, or $PORTWAY_TCP_ENGINE) picks
+        splice on Linux unless an `on_read` hook needs the bytes in user space."""
         if network not in ("tcp", "tcp4", "tcp6"):
             raise ValueError(f"TCPStream needs a tcp network, not {network!r}")
         self.network = network
@@ -549,6 +571,11 @@ class TCPStream:
         self.access = access
         self.proxy_protocol = proxy_protocol
         self.relay_version = relay_proxy_protocol
+        if engine == "auto":
+            engine = cast(Engine, os.environ.get(ENGINE_ENV) or "auto")
+        if engine not in ("auto", "splice", "transport"):
+            raise ValueError(f"TCP engine must be auto, splice or transport, not {engine!r}")
+        self.engine: Engine = engine
         self._attached = False
         self._refusals = BurstLog(5.0)
         self.resolver = TargetResolver(
@@ -559,7 +586,7 @@ class TCPStream:
             interval=resolve_interval,
             route=name,
         )
-        self.conns: set[_Client] = set()
+        self.conns: set[_Client | SpliceConn] = set()
         self.pre_dial: Hook | None = None
         self.on_read: Hook | None = None
         self._sock: socket.socket | None = None
@@ -618,17 +645,36 @@ class TCPStream:
         self.on_read = on_read
         # Chosen once here, so routes without admission run the plain classes untouched.
         admitting = self.access is not None or self.proxy_protocol is not None or self.relay_version != 0
+        if self.access is not None and not self._attached:
+            self.access.attach()
+            self._attached = True
+        if self.uses_splice_engine():
+            start = SpliceConn.start_admitting if admitting else SpliceConn.start_plain
+
+            def on_socket(sock: socket.socket, peer: Any) -> None:
+                start(SpliceConn(self, sock, peer))
+
+            self._server = serve_tcp_sockets(self.loop, self._sock, on_socket, self.fields)
+        else:
+            await self._serve_transports(admitting)
+        if self.idle_timeout > 0:
+            self._sweeper = self.loop.create_task(self._sweep_idle())
+
+    def uses_splice_engine(self) -> bool:
+        """Whether connections run on the raw-socket engine (decided when serving starts)."""
+        if self.on_read is not None or self.engine == "transport":
+            return False  # an on_read hook needs the bytes in user space
+        return self.engine == "splice" or splice.HAVE_SPLICE
+
+    async def _serve_transports(self, admitting: bool) -> None:
+        assert self._sock is not None
+        on_read = self.on_read
         factory: Any
         if on_read is not None:
             factory = _AdmittingHookedClient if admitting else _HookedClient
         else:
             factory = _AdmittingClient if admitting else _Client
-        if self.access is not None and not self._attached:
-            self.access.attach()
-            self._attached = True
         self._server = await serve_tcp(self.loop, self._sock, lambda: factory(self), self.fields)
-        if self.idle_timeout > 0:
-            self._sweeper = self.loop.create_task(self._sweep_idle())
 
     def log_accepted(self, client: Address) -> None:
         """The INFO line for an accepted connection, pre-rendered when logging allows it."""
@@ -748,6 +794,5 @@ class TCPStream:
         while True:
             await asyncio.sleep(interval)
             for conn in list(self.conns):
-                conn.idle += 1
-                if conn.idle > ticks:
+                if conn.idle_tick() > ticks:
                     conn.idle_expired()

@@ -1,0 +1,450 @@
+"""The raw-socket TCP engine: accepted socket in, non-blocking dial, then a splice pump.
+
+`TCPStream` uses this engine for plain forwarding on Linux (no `on_read` hook): bytes never
+enter user space, and a new connection costs a handful of loop callbacks instead of the
+transport engine's task, future, two transports and two protocol objects.
+
+One `SpliceConn` per connection, in four phases, each driven by loop callbacks (never a task,
+except for an async `pre_dial` hook):
+
+1. **Admission** (only when the route has an ACL or a PROXY policy): a PROXY header is read with
+   `recv` into a bounded buffer and fed to the sans-I/O parser, with one `call_later` timer for
+   the wait; then the ACL decides on the real client. A denied client is reset, nothing dialed.
+2. **Dial**: `socket()` + `connect_ex` (EINPROGRESS) + `add_writer`; the `SO_ERROR` check on
+   writability tells success from refusal. The target's addresses are tried in order under one
+   connect timeout. The client is not watched meanwhile: whatever it sends waits in the kernel's
+   socket buffer, which also bounds what it can make us hold.
+3. **Initial bytes** (admission only): a relay PROXY header, then the bytes read past the
+   received header, are sent before the pump starts, so nothing can overtake them.
+4. **Pump**: `SplicePump` relays both ways with half-close. When it ends, both sockets are closed
+   here, exactly once, after every reader and writer on them has been removed: uvloop misbehaves
+   on callbacks left registered on a closed (or reused) descriptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from portway.errors import ProxyProtocolError
+from portway.proxy_protocol import ProxyHeader, build_v1, build_v2, classify_prefix, maybe_parse_header
+from portway.stream.base import Address, addr_str
+from portway.stream.splice import HAVE_SPLICE, CopyPump, SplicePump, pipe_pool_for
+
+if TYPE_CHECKING:
+    from portway.stream.resolve import SockAddr
+    from portway.stream.tcp import TCPStream
+
+__all__ = ["SpliceConn"]
+
+log = logging.getLogger("portway.tcp")
+
+_FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#: The largest PROXY header: a v2 header carries at most 16 + 65535 bytes; v1 is far shorter.
+#: Reading stops there, so a trusted-but-broken peer cannot make us buffer without bound.
+_HEADER_LIMIT = 16 + 65535
+#: SOCK_NONBLOCK makes the new socket non-blocking without a second syscall (Linux).
+_SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
+_NONBLOCK_STREAM = socket.SOCK_STREAM | _SOCK_NONBLOCK
+_CONNECT_PENDING = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EALREADY)
+
+# Phases; numbers so that "still before the pump" is one comparison.
+_ADMITTING = 0
+_DIALING = 1
+_SENDING = 2
+_PUMPING = 3
+_CLOSED = 4
+
+
+class SpliceConn:
+    """One proxied connection on raw sockets; created by the accept loop, closes itself."""
+
+    __slots__ = (
+        "addr_index",
+        "client",
+        "client_sock",
+        "dial_task",
+        "header",
+        "idle",
+        "initial",
+        "last_moved",
+        "local",
+        "phase",
+        "pump",
+        "stream",
+        "target_addr",
+        "target_sock",
+        "timer",
+    )
+
+    def __init__(self, stream: TCPStream, sock: socket.socket, peer: tuple[object, ...]) -> None:
+        self.stream = stream
+        self.client_sock = sock
+        self.client: Address = (str(peer[0]), int(peer[1]))  # type: ignore[call-overload]
+        self.target_sock: socket.socket | None = None
+        self.target_addr: SockAddr | None = None
+        self.addr_index = 0
+        self.pump: SplicePump | CopyPump | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.dial_task: asyncio.Task[None] | None = None
+        #: Bytes that must reach the target before the pump starts (relay header, bytes after
+        #: a received PROXY header); None when there are none.
+        self.initial: bytes | None = None
+        #: The start of the connection while a PROXY header is being read; None otherwise.
+        self.header: bytearray | None = None
+        self.local: Address | None = None
+        self.phase = _ADMITTING
+        self.idle = 0
+        self.last_moved = 0
+        stream.conns.add(self)
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def start_plain(self) -> None:
+        """No ACL, no PROXY protocol: log and dial at once (the fast path)."""
+        stream = self.stream
+        if stream.log_conns:
+            stream.log_accepted(self.client)
+        if stream.pre_dial is not None:
+            self._start_pre_dial()
+        else:
+            self._dial()
+
+    def start_admitting(self) -> None:
+        """Read a PROXY header first if the policy wants one from this peer, then the ACL."""
+        stream = self.stream
+        try:
+            name = self.client_sock.getsockname()
+            self.local = (name[0], name[1])
+        except OSError:
+            self.local = None
+        policy = stream.proxy_protocol
+        if policy is not None:
+            if policy.trusts(self.client[0]):
+                self.header = bytearray()
+                stream.loop.add_reader(self.client_sock.fileno(), self._on_header_readable)
+                self.timer = stream.loop.call_later(policy.header_timeout, self._header_expired)
+                return
+            if policy.mode == "required":
+                self._refuse("peer is not a trusted proxy (PROXY protocol required)")
+                return
+        self._admit()
+
+    def _on_header_readable(self) -> None:
+        header = self.header
+        if header is None or self.phase != _ADMITTING:
+            return
+        try:
+            data = self.client_sock.recv(_HEADER_LIMIT + 1 - len(header))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close()
+            return
+        if not data:
+            if header and self._is_plain_data(header, final=True):
+                # The pump reads the EOF again from the socket: EOF is sticky.
+                self._end_header(None, header)
+            else:
+                self._refuse("connection ended before the PROXY header did")
+            return
+        header += data
+        if self._is_plain_data(header, final=False):
+            self._end_header(None, header)
+            return
+        try:
+            parsed = maybe_parse_header(header)
+        except ProxyProtocolError as exc:
+            self._refuse(str(exc))
+            return
+        if parsed is not None:
+            self._end_header(parsed, header[parsed.length :])
+        elif len(header) > _HEADER_LIMIT:
+            self._refuse(f"PROXY header longer than {_HEADER_LIMIT} bytes")
+
+    def _is_plain_data(self, header: bytearray, *, final: bool) -> bool:
+        """Mixed mode only: do these first bytes belong to a client that sent no header?
+
+        `final` (EOF or timeout): a short prefix that could still have become a header is data.
+        """
+        policy = self.stream.proxy_protocol
+        if policy is None or policy.mode != "mixed":
+            return False
+        starts = classify_prefix(header)
+        return starts is False or (final and starts is None)
+
+    def _end_header(self, parsed: ProxyHeader | None, rest: bytes | bytearray) -> None:
+        self._stop_header()
+        if parsed is not None and parsed.source is not None:
+            # LOCAL and UNKNOWN carry no addresses: the proxy speaks for itself (health checks).
+            self.client = parsed.source
+            if parsed.destination is not None:
+                self.local = parsed.destination
+        if rest:
+            self.initial = bytes(rest)
+        self._admit()
+
+    def _header_expired(self) -> None:
+        self.timer = None
+        header = self.header
+        if header is None:
+            return
+        if header and self._is_plain_data(header, final=True):
+            self._end_header(None, header)
+            return
+        assert self.stream.proxy_protocol is not None
+        timeout = self.stream.proxy_protocol.header_timeout
+        self._refuse(f"no complete PROXY header within {timeout:g}s ({len(header)} bytes received)")
+
+    def _stop_header(self) -> None:
+        if self.header is not None:
+            self.header = None
+            self.stream.loop.remove_reader(self.client_sock.fileno())
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _refuse(self, reason: str) -> None:
+        self._stop_header()
+        self.stream.refused(self.client, reason)
+        self._close()
+
+    def _admit(self) -> None:
+        stream = self.stream
+        access = stream.access
+        if access is not None and not access.admit(self.client[0], stream.name):
+            self._close()
+            return
+        version = stream.relay_version
+        if version:
+            relay = self._relay_header(version)
+            self.initial = relay + self.initial if self.initial else relay
+        self.start_plain()
+
+    def _relay_header(self, version: int) -> bytes:
+        source, destination = self.client, self.local
+        try:
+            if version == 1:
+                return build_v1(source, destination)
+            return build_v2(source, destination)
+        except ValueError:
+            # An address the header cannot carry (e.g. with a zone index): say "unknown" rather
+            # than fail the connection; the target then uses our own address.
+            return build_v1(None, None) if version == 1 else build_v2(None, None)
+
+    def _start_pre_dial(self) -> None:
+        self.dial_task = self.stream.loop.create_task(self._pre_dial())
+
+    async def _pre_dial(self) -> None:
+        stream = self.stream
+        assert stream.pre_dial is not None
+        try:
+            await stream.pre_dial(stream.hook_context(self.client))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info(
+                "rejected by pre_dial hook",
+                extra={
+                    **stream.fields,
+                    "client": addr_str(self.client),
+                    "action": "reject",
+                    "error": repr(exc),
+                },
+            )
+            self._close()
+            return
+        finally:
+            self.dial_task = None
+        if self.phase == _ADMITTING:
+            self._dial()
+
+    # -- dial --------------------------------------------------------------------------------
+
+    def _dial(self) -> None:
+        stream = self.stream
+        self.phase = _DIALING
+        self.timer = stream.loop.call_later(stream.connect_timeout, self._dial_expired)
+        self._try_next(None)
+
+    def _try_next(self, last: OSError | None) -> None:
+        """Connect to the next target address, or give up with the last error."""
+        addresses = self.stream.resolver.addresses
+        while self.addr_index < len(addresses):
+            addr = addresses[self.addr_index]
+            self.addr_index += 1
+            family, sockaddr = addr
+            try:
+                sock = socket.socket(family, _NONBLOCK_STREAM)
+            except OSError as exc:
+                if exc.errno in _FD_EXHAUSTED:
+                    self._dial_failed(exc)
+                    return
+                last = exc
+                continue
+            try:
+                if not _SOCK_NONBLOCK:
+                    sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                err = sock.connect_ex(sockaddr)
+            except OSError as exc:
+                sock.close()
+                last = exc
+                continue
+            if err == 0 or err in _CONNECT_PENDING:
+                self.target_sock = sock
+                self.target_addr = addr
+                self.stream.loop.add_writer(sock.fileno(), self._on_connected)
+                return
+            sock.close()
+            last = OSError(err, os.strerror(err))
+        self._dial_failed(last if last is not None else OSError(errno.EHOSTUNREACH, "no target address"))
+
+    def _on_connected(self) -> None:
+        sock = self.target_sock
+        if sock is None or self.phase != _DIALING:
+            return
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.stream.loop.remove_writer(sock.fileno())
+            self.target_sock = None
+            sock.close()
+            self._try_next(OSError(err, os.strerror(err)))
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        assert self.target_addr is not None
+        self.stream.resolver.prefer(self.target_addr)
+        initial = self.initial
+        if initial is not None:
+            self.initial = None
+            self.stream.loop.remove_writer(sock.fileno())
+            self._send_initial(initial)
+            return
+        # Start the pump (which registers a reader on this fd) before removing our writer, so on
+        # uvloop the descriptor's poll handle is kept instead of closed and opened again.
+        self._start_pump(sock)
+        self.stream.loop.remove_writer(sock.fileno())
+
+    def _dial_expired(self) -> None:
+        self.timer = None
+        if self.phase == _DIALING:
+            self._dial_failed(TimeoutError())
+
+    def _dial_failed(self, exc: BaseException) -> None:
+        self.stream.dial_failed(self.client, exc)
+        self._close()
+
+    # -- initial bytes -----------------------------------------------------------------------
+
+    def _send_initial(self, data: bytes) -> None:
+        sock = self.target_sock
+        assert sock is not None
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close()
+            return
+        if sent < len(data):
+            # Rare: the target's receive window is smaller than a header plus a few bytes.
+            self.initial = data[sent:]
+            self.phase = _SENDING
+            self.stream.loop.add_writer(sock.fileno(), self._on_initial_writable)
+            return
+        self._start_pump(sock)
+
+    def _on_initial_writable(self) -> None:
+        sock = self.target_sock
+        if sock is None or self.phase != _SENDING:
+            return
+        self.stream.loop.remove_writer(sock.fileno())
+        data, self.initial = self.initial, None
+        self._send_initial(data or b"")
+
+    # -- relay -------------------------------------------------------------------------------
+
+    def _start_pump(self, target: socket.socket) -> None:
+        self.phase = _PUMPING
+        loop = self.stream.loop
+        pump: SplicePump | CopyPump
+        if HAVE_SPLICE:
+            pump = SplicePump(loop, self.client_sock, target, self._pump_done, pipe_pool_for(loop))
+        else:
+            pump = CopyPump(loop, self.client_sock, target, self._pump_done)
+        self.pump = pump
+        pump.start()
+
+    def _pump_done(self, exc: BaseException | None) -> None:
+        # An error (a reset on one side) ends the other side too; a plain close, as the
+        # transport engine's abort does, so the peer sees the connection end, not a new RST.
+        self._close()
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def idle_tick(self) -> int:
+        """Called by the stream's sweeper: the number of sweeps without any byte moved."""
+        pump = self.pump
+        if pump is not None:
+            moved = pump.bytes_a_to_b + pump.bytes_b_to_a
+            if moved != self.last_moved:
+                self.last_moved = moved
+                self.idle = 0
+                return 0
+        self.idle += 1
+        return self.idle
+
+    def idle_expired(self) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "idle timeout",
+                extra={**self.stream.fields, "client": addr_str(self.client), "action": "idle"},
+            )
+        self._close()
+
+    def shutdown(self) -> None:
+        """The stream is closing: end the connection now (FIN both ways)."""
+        self._close()
+
+    def _close(self) -> None:
+        """Tear down exactly once: stop every callback on both descriptors, then close them.
+
+        A plain close (FIN, or RST if unread bytes remain, as the kernel decides), also for
+        denied clients: a deliberate RST can reach a client before its own connect() returns.
+        """
+        if self.phase == _CLOSED:
+            return
+        phase = self.phase
+        self.phase = _CLOSED
+        stream = self.stream
+        loop = stream.loop
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.dial_task is not None:
+            task, self.dial_task = self.dial_task, None
+            task.cancel()
+        if self.header is not None:
+            self.header = None
+            loop.remove_reader(self.client_sock.fileno())
+        target = self.target_sock
+        pump = self.pump
+        if pump is not None:
+            pump.close()  # removes its own readers and writers; a no-op if it already finished
+            self.pump = None
+        elif target is not None and phase in (_DIALING, _SENDING):
+            loop.remove_writer(target.fileno())
+        self.target_sock = None
+        self.client_sock.close()
+        if target is not None:
+            target.close()
+        conns = stream.conns
+        conns.discard(self)
+        if stream._drained is not None and not conns:
+            stream._drained.set()
