@@ -16,9 +16,11 @@ to a callback: no task, no transport, no protocol object per connection.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import logging
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 from portway.loops import loop_name
 
 #: Takes ownership of an accepted, non-blocking socket and the peer address `accept` returned.
-SocketHandler = Callable[[socket.socket, Any], None]
+SocketHandler = Callable[[socket.SocketType, Any], None]
 
 log = logging.getLogger("portway.accept")
 
@@ -71,10 +73,15 @@ class _AsyncioAcceptor(Listener):
         loop.add_reader(sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
-        accept, on_socket = self.sock.accept, self.on_socket
+        sock, on_socket = self.sock, self.on_socket
         for _ in range(_BATCH):
             try:
-                conn, addr = accept()
+                if on_socket is not None:
+                    # The C-level accept and socket type: socket.accept() and the socket.socket
+                    # class add Python frames to every connection and to every close.
+                    fd, addr = sock._accept()  # type: ignore[attr-defined]  # (not in typeshed)
+                else:
+                    conn, addr = sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 break
             except OSError as exc:
@@ -83,17 +90,10 @@ class _AsyncioAcceptor(Listener):
                     return
                 log.error("accept failed", extra={**self.fields, "action": "accept", "error": str(exc)})
                 break
-            conn.setblocking(False)
             if on_socket is not None:
-                try:
-                    on_socket(conn, addr)
-                except Exception:
-                    # The handler owns the socket once called and must clean up after itself;
-                    # an escaping error is a bug, and must not stop the listener.
-                    log.exception(
-                        "accepted connection handler failed", extra={**self.fields, "action": "accept"}
-                    )
+                self._hand_over(on_socket, fd, addr)
                 continue
+            conn.setblocking(False)
             task = self.loop.create_task(self._adopt(conn))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -107,6 +107,21 @@ class _AsyncioAcceptor(Listener):
             self.in_burst = False
             self.refused = 0
             self.backoff = _BACKOFF_MIN
+
+    def _hand_over(self, on_socket: SocketHandler, fd: int, addr: Any) -> None:
+        try:
+            conn = _socket.socket(self.sock.family, socket.SOCK_STREAM, 0, fd)
+        except OSError:
+            os.close(fd)
+            return
+        try:
+            conn.setblocking(False)
+            on_socket(conn, addr)
+        except Exception:
+            # The handler owns the socket once called and cleans up after itself; an escaping
+            # error is a bug, and must not stop the listener.
+            log.exception("accepted connection handler failed", extra={**self.fields, "action": "accept"})
+            conn.close()
 
     async def _adopt(self, conn: socket.socket) -> None:
         assert self.factory is not None

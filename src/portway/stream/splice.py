@@ -152,7 +152,7 @@ class _Direction:
 
     __slots__ = ("dst", "dst_sock", "eof", "finished", "moved", "pending", "pipe", "src", "src_sock", "tail")
 
-    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+    def __init__(self, src: socket.SocketType, dst: socket.SocketType) -> None:
         self.src_sock = src
         self.dst_sock = dst
         self.src = src.fileno()
@@ -168,16 +168,19 @@ class _Direction:
 class _PumpBase:
     """Shared control logic: readiness callbacks, half-close, completion. Subclasses move bytes."""
 
-    __slots__ = ("_chunk", "_closed", "_dirs", "_done", "_loop")
+    __slots__ = ("_chunk", "_closed", "_dirs", "_done", "_loop", "shutdown_last")
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket, on_done: PumpDone
+        self, loop: asyncio.AbstractEventLoop, a: socket.SocketType, b: socket.SocketType, on_done: PumpDone
     ) -> None:
         self._loop = loop
         self._done = on_done
         self._closed = False
         self._dirs = (_Direction(a, b), _Direction(b, a))
         self._chunk = _FALLBACK_CHUNK  # bytes one _fill asks for
+        #: False when the caller closes both sockets as soon as the pump is done: the last
+        #: direction's EOF then reaches its receiver with that close, one syscall fewer.
+        self.shutdown_last = True
 
     # -- byte movers, provided by subclasses -------------------------------------------------
     def _fill(self, d: _Direction) -> int:  # pragma: no cover - abstract
@@ -284,14 +287,17 @@ class _PumpBase:
             self._loop.add_reader(d.src, self._on_readable, d)
 
     def _finish(self, d: _Direction) -> None:
-        try:
-            d.dst_sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            if exc.errno != errno.ENOTCONN:
-                self._fail(exc)
-                return
+        first, second = self._dirs
+        last = (second if d is first else first).finished
+        if self.shutdown_last or not last:
+            try:
+                d.dst_sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                if exc.errno != errno.ENOTCONN:
+                    self._fail(exc)
+                    return
         d.finished = True
-        if self._dirs[0].finished and self._dirs[1].finished and not self._closed:
+        if last and not self._closed:
             self._closed = True
             self._done(None)
 
@@ -304,8 +310,8 @@ class SplicePump(_PumpBase):
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        a: socket.socket,
-        b: socket.socket,
+        a: socket.SocketType,
+        b: socket.SocketType,
         on_done: PumpDone,
         pool: PipePool | None = None,
     ) -> None:
@@ -371,7 +377,7 @@ class CopyPump(_PumpBase):
     __slots__ = ("_scratch",)
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket, on_done: PumpDone
+        self, loop: asyncio.AbstractEventLoop, a: socket.SocketType, b: socket.SocketType, on_done: PumpDone
     ) -> None:
         super().__init__(loop, a, b, on_done)
         scratch = _scratch_by_loop.get(loop)
@@ -410,8 +416,8 @@ class CopyPump(_PumpBase):
 
 def start_pump(
     loop: asyncio.AbstractEventLoop,
-    a: socket.socket,
-    b: socket.socket,
+    a: socket.SocketType,
+    b: socket.SocketType,
     on_done: PumpDone,
     *,
     use_splice: bool | None = None,
@@ -435,7 +441,7 @@ def start_pump(
     return pump
 
 
-async def relay(a: socket.socket, b: socket.socket, *, use_splice: bool | None = None) -> None:
+async def relay(a: socket.SocketType, b: socket.SocketType, *, use_splice: bool | None = None) -> None:
     """Relay until both directions are closed; raise the error that stopped it, if any.
 
     Does not close the sockets. Cancelling the awaiting task stops the pump.

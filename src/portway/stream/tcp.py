@@ -587,6 +587,8 @@ class TCPStream:
             route=name,
         )
         self.conns: set[_Client | SpliceConn] = set()
+        #: The loop's pipe pool when the raw engine relays with splice (set when serving starts).
+        self.pipe_pool: splice.PipePool | None = None
         self.pre_dial: Hook | None = None
         self.on_read: Hook | None = None
         self._sock: socket.socket | None = None
@@ -649,9 +651,14 @@ class TCPStream:
             self.access.attach()
             self._attached = True
         if self.uses_splice_engine():
+            if splice.HAVE_SPLICE:
+                self.pipe_pool = splice.pipe_pool_for(self.loop)
+            # Accepted sockets inherit TCP_NODELAY on Linux: one syscall per listener, not per client.
+            with contextlib.suppress(OSError):
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             start = SpliceConn.start_admitting if admitting else SpliceConn.start_plain
 
-            def on_socket(sock: socket.socket, peer: Any) -> None:
+            def on_socket(sock: socket.SocketType, peer: Any) -> None:
                 start(SpliceConn(self, sock, peer))
 
             self._server = serve_tcp_sockets(self.loop, self._sock, on_socket, self.fields)

@@ -23,17 +23,18 @@ except for an async `pre_dial` hook):
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from portway.errors import ProxyProtocolError
 from portway.proxy_protocol import ProxyHeader, build_v1, build_v2, classify_prefix, maybe_parse_header
 from portway.stream.base import Address, addr_str
-from portway.stream.splice import HAVE_SPLICE, CopyPump, SplicePump, pipe_pool_for
+from portway.stream.splice import CopyPump, SplicePump
 
 if TYPE_CHECKING:
     from portway.stream.resolve import SockAddr
@@ -81,11 +82,11 @@ class SpliceConn:
         "timer",
     )
 
-    def __init__(self, stream: TCPStream, sock: socket.socket, peer: tuple[object, ...]) -> None:
+    def __init__(self, stream: TCPStream, sock: socket.SocketType, peer: tuple[Any, ...]) -> None:
         self.stream = stream
         self.client_sock = sock
-        self.client: Address = (str(peer[0]), int(peer[1]))  # type: ignore[call-overload]
-        self.target_sock: socket.socket | None = None
+        self.client: Address = (peer[0], peer[1])
+        self.target_sock: socket.SocketType | None = None
         self.target_addr: SockAddr | None = None
         self.addr_index = 0
         self.pump: SplicePump | CopyPump | None = None
@@ -279,7 +280,7 @@ class SpliceConn:
             self.addr_index += 1
             family, sockaddr = addr
             try:
-                sock = socket.socket(family, _NONBLOCK_STREAM)
+                sock = _socket.socket(family, _NONBLOCK_STREAM)
             except OSError as exc:
                 if exc.errno in _FD_EXHAUSTED:
                     self._dial_failed(exc)
@@ -318,8 +319,9 @@ class SpliceConn:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        assert self.target_addr is not None
-        self.stream.resolver.prefer(self.target_addr)
+        if self.addr_index > 1:  # not the first address: dial this one first next time
+            assert self.target_addr is not None
+            self.stream.resolver.prefer(self.target_addr)
         initial = self.initial
         if initial is not None:
             self.initial = None
@@ -370,14 +372,15 @@ class SpliceConn:
 
     # -- relay -------------------------------------------------------------------------------
 
-    def _start_pump(self, target: socket.socket) -> None:
+    def _start_pump(self, target: socket.SocketType) -> None:
         self.phase = _PUMPING
-        loop = self.stream.loop
+        stream = self.stream
         pump: SplicePump | CopyPump
-        if HAVE_SPLICE:
-            pump = SplicePump(loop, self.client_sock, target, self._pump_done, pipe_pool_for(loop))
+        if stream.pipe_pool is not None:
+            pump = SplicePump(stream.loop, self.client_sock, target, self._pump_done, stream.pipe_pool)
         else:
-            pump = CopyPump(loop, self.client_sock, target, self._pump_done)
+            pump = CopyPump(stream.loop, self.client_sock, target, self._pump_done)
+        pump.shutdown_last = False  # _close() follows at once and sends that FIN
         self.pump = pump
         pump.start()
 
