@@ -299,7 +299,10 @@ class SpliceConn:
             if err == 0 or err in _CONNECT_PENDING:
                 self.target_sock = sock
                 self.target_addr = addr
-                self.stream.loop.add_writer(sock.fileno(), self._on_connected)
+                try:
+                    self.stream.loop.add_writer(sock.fileno(), self._on_connected)
+                except (OSError, RuntimeError):
+                    self._close()
                 return
             sock.close()
             last = OSError(err, os.strerror(err))
@@ -382,7 +385,12 @@ class SpliceConn:
             pump = CopyPump(stream.loop, self.client_sock, target, self._pump_done)
         pump.shutdown_last = False  # _close() follows at once and sends that FIN
         self.pump = pump
-        pump.start()
+        try:
+            pump.start()
+        except (OSError, RuntimeError):
+            # uvloop refuses a descriptor it still maps to a live transport: never leave one
+            # side registered and the connection half open.
+            self._close()
 
     def _pump_done(self, exc: BaseException | None) -> None:
         # An error (a reset on one side) ends the other side too; a plain close, as the
