@@ -22,15 +22,15 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from portway.addr import Network, family_of, format_hostport, parse_hostport
+from portway.addr import Network
 from portway.errors import ProxyProtocolError
-from portway.logs import BurstLog, connection_log
+from portway.logs import BurstLog
 from portway.proxy_protocol import ProxyHeader, build_v1, build_v2, classify_prefix, maybe_parse_header
 from portway.stream import splice
 from portway.stream.accept import Listener, serve_tcp, serve_tcp_sockets
-from portway.stream.base import Address, Direction, Hook, HookContext, StreamDescription, addr_str
-from portway.stream.listen import bind_socket, listen_family
-from portway.stream.resolve import SockAddr, TargetResolver
+from portway.stream.base import Address, Direction, Hook, addr_str
+from portway.stream.endpoint import Endpoint
+from portway.stream.resolve import SockAddr
 from portway.stream.tcp_splice import SpliceConn
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class _Client(asyncio.Protocol):
     def _admitted(self) -> None:
         stream = self.stream
         if stream.log_conns:
-            stream.log_accepted(self.client)
+            stream.log_accepted(addr_str(self.client))
         self.dial_task = stream.loop.create_task(self._dial())
 
     def data_received(self, data: bytes) -> None:
@@ -523,12 +523,16 @@ class _AdmittingHookedClient(_AdmittingClient, _HookedClient):
 # --- the stream ---------------------------------------------------------------------------------
 
 
-class TCPStream:
+class TCPStream(Endpoint):
     """A TCP listener forwarding every connection to one target.
 
     >>> stream = TCPStream("tcp4", "127.0.0.1:0", "127.0.0.1:22")
     >>> await stream.listen_and_serve()            # doctest: +SKIP
     """
+
+    KIND = socket.SOCK_STREAM
+    ACCEPT_MESSAGE = "accepted"
+    LOG = log
 
     def __init__(
         self,
@@ -556,15 +560,11 @@ class TCPStream:
         splice on Linux unless an `on_read` hook needs the bytes in user space."""
         if network not in ("tcp", "tcp4", "tcp6"):
             raise ValueError(f"TCPStream needs a tcp network, not {network!r}")
-        self.network = network
-        self.name = name
-        listen_hp = parse_hostport(listen)
-        target_hp = parse_hostport(target, allow_zero_port=False)
-        self.listen_host = listen_hp.host or ("0.0.0.0" if family_of(network) == socket.AF_INET else "::")
-        self.listen_port = listen_hp.port
+        super().__init__(
+            network, listen, target, name=name, resolve_interval=resolve_interval, reuse_port=reuse_port
+        )
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
-        self.reuse_port = reuse_port
         self.log_conns = log_connections
         if relay_proxy_protocol not in (0, 1, 2):
             raise ValueError(f"PROXY protocol version must be 1 or 2, not {relay_proxy_protocol!r}")
@@ -578,63 +578,17 @@ class TCPStream:
         self.engine: Engine = engine
         self._attached = False
         self._refusals = BurstLog(5.0)
-        self.resolver = TargetResolver(
-            target_hp.host,
-            target_hp.port,
-            family=family_of(network),
-            kind=socket.SOCK_STREAM,
-            interval=resolve_interval,
-            route=name,
-        )
         self.conns: set[_Client | SpliceConn] = set()
         #: The loop's pipe pool when the raw engine relays with splice (set when serving starts).
         self.pipe_pool: splice.PipePool | None = None
         self.pre_dial: Hook | None = None
         self.on_read: Hook | None = None
-        self._sock: socket.socket | None = None
         self._server: Listener | None = None
-        self._local: Address | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None
         self._dial_errors = BurstLog(5.0)
-        self.fields: dict[str, str] = {}
-        self._refresh_fields()
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in prepare()
 
     # -- Stream protocol
-
-    @property
-    def local_addr(self) -> Address | None:
-        return self._local
-
-    def describe(self) -> StreamDescription:
-        proto = f"{self.network}->{self.network}"
-        listen = (
-            format_hostport(*self._local)
-            if self._local
-            else format_hostport(self.listen_host, self.listen_port)
-        )
-        return StreamDescription(proto, listen, str(self.resolver))
-
-    async def prepare(self) -> None:
-        """Resolve the target and bind the listener, without accepting yet (all-or-nothing starts)."""
-        if self._sock is not None:
-            return
-        self.loop = asyncio.get_running_loop()
-        await self.resolver.start()
-        family, v6only = listen_family(self.listen_host, family_of(self.network))
-        self._sock = bind_socket(
-            self.listen_host,
-            self.listen_port,
-            family=family,
-            kind=socket.SOCK_STREAM,
-            v6only=v6only,
-            reuse_port=self.reuse_port,
-            name=self.name,
-        )
-        host, port = self._sock.getsockname()[:2]
-        self._local = (host, port)
-        self._refresh_fields()
 
     async def listen_and_serve(self, pre_dial: Hook | None = None, on_read: Hook | None = None) -> None:
         try:
@@ -683,14 +637,6 @@ class TCPStream:
             factory = _AdmittingClient if admitting else _Client
         self._server = await serve_tcp(self.loop, self._sock, lambda: factory(self), self.fields)
 
-    def log_accepted(self, client: Address) -> None:
-        """The INFO line for an accepted connection, pre-rendered when logging allows it."""
-        fast = self._conn_log
-        if fast is not None:
-            fast.log(addr_str(client))
-        elif log.isEnabledFor(logging.INFO):
-            log.info("accepted", extra={**self.fields, "client": addr_str(client), "action": "accept"})
-
     async def close(self) -> None:
         """Stop accepting, then close every live connection (buffered bytes are flushed first)."""
         if self._server is not None:
@@ -723,18 +669,6 @@ class TCPStream:
     # -- internals used by the connection objects
 
     target_protocol = _Target
-
-    def hook_context(
-        self, client: Address, direction: Direction | None = None, data: bytes = b""
-    ) -> HookContext:
-        return HookContext(
-            route=self.name,
-            client=client,
-            listen=self._local or (self.listen_host, self.listen_port),
-            target=str(self.resolver),
-            direction=direction,
-            data=data,
-        )
 
     async def dial(self, protocol: _Target) -> asyncio.Transport:
         """Connect to the first target address that answers, within the connect timeout."""
@@ -788,10 +722,6 @@ class TCPStream:
                     "suppressed": suppressed,
                 },
             )
-
-    def _refresh_fields(self) -> None:
-        self.fields = {"route": self.name, **self.describe().as_fields()}
-        self._conn_log = connection_log(log, "accepted", {**self.fields, "action": "accept"})
 
     async def _sweep_idle(self) -> None:
         # Activity resets a per-connection tick counter (one store on the hot path); the sweeper

@@ -109,7 +109,7 @@ class SpliceConn:
         """No ACL, no PROXY protocol: log and dial at once (the fast path)."""
         stream = self.stream
         if stream.log_conns:
-            stream.log_accepted(self.client)
+            stream.log_accepted(addr_str(self.client))
         if stream.pre_dial is not None:
             self._start_pre_dial()
         else:

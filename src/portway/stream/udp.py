@@ -14,12 +14,11 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any, cast
 
-from portway.addr import Network, family_of, format_hostport, parse_hostport
-from portway.logs import BurstLog, connection_log
+from portway.addr import Network, format_hostport
+from portway.logs import BurstLog
 from portway.proxy_protocol import build_v2
-from portway.stream.base import Address, Direction, Hook, HookContext, StreamDescription
-from portway.stream.listen import bind_socket, listen_family
-from portway.stream.resolve import TargetResolver
+from portway.stream.base import Direction, Hook
+from portway.stream.endpoint import Endpoint
 from portway.stream.sessions import SessionTable
 
 if TYPE_CHECKING:
@@ -209,8 +208,12 @@ def _client_str(addr: Any) -> str:
     return format_hostport(addr[0], addr[1])
 
 
-class UDPStream:
+class UDPStream(Endpoint):
     """A UDP listener relaying each client's datagrams to one target, and the replies back."""
+
+    KIND = socket.SOCK_DGRAM
+    ACCEPT_MESSAGE = "new session"
+    LOG = log
 
     def __init__(
         self,
@@ -231,71 +234,24 @@ class UDPStream:
         header to every datagram for the target."""
         if network not in ("udp", "udp4", "udp6"):
             raise ValueError(f"UDPStream needs a udp network, not {network!r}")
-        self.network = network
-        self.name = name
-        listen_hp = parse_hostport(listen)
-        target_hp = parse_hostport(target, allow_zero_port=False)
-        self.listen_host = listen_hp.host or ("0.0.0.0" if family_of(network) == socket.AF_INET else "::")
-        self.listen_port = listen_hp.port
+        super().__init__(
+            network, listen, target, name=name, resolve_interval=resolve_interval, reuse_port=reuse_port
+        )
         self.idle_timeout = idle_timeout
-        self.reuse_port = reuse_port
         self.access = access
         self.relay_proxy_protocol = relay_proxy_protocol
         self._attached = False
-        self.resolver = TargetResolver(
-            target_hp.host,
-            target_hp.port,
-            family=family_of(network),
-            kind=socket.SOCK_DGRAM,
-            interval=resolve_interval,
-            route=name,
-        )
         self.sessions: SessionTable[Any, _Session] = SessionTable(max_sessions, IDLE_TICKS)
         self.pre_dial: Hook | None = None
         self.on_read: Hook | None = None
         self.transport: asyncio.DatagramTransport | None = None
-        self._sock: socket.socket | None = None
-        self._local: Address | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._session_class: type[_Session] = _Session
         self._full_log = BurstLog(10.0)
         self._setup_log = BurstLog(5.0)
-        self.fields: dict[str, str] = {}
-        self._refresh_fields()
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in prepare()
 
-    @property
-    def local_addr(self) -> Address | None:
-        return self._local
-
-    def describe(self) -> StreamDescription:
-        listen = (
-            format_hostport(*self._local)
-            if self._local
-            else format_hostport(self.listen_host, self.listen_port)
-        )
-        return StreamDescription(f"{self.network}->{self.network}", listen, str(self.resolver))
-
-    async def prepare(self) -> None:
-        """Resolve the target and bind the listener without serving yet (all-or-nothing starts)."""
-        if self._sock is not None:
-            return
-        self.loop = asyncio.get_running_loop()
-        await self.resolver.start()
-        family, v6only = listen_family(self.listen_host, family_of(self.network))
-        self._sock = bind_socket(
-            self.listen_host,
-            self.listen_port,
-            family=family,
-            kind=socket.SOCK_DGRAM,
-            v6only=v6only,
-            reuse_port=self.reuse_port,
-            name=self.name,
-        )
-        _grow_buffers(self._sock)
-        host, port = self._sock.getsockname()[:2]
-        self._local = (host, port)
-        self._refresh_fields()
+    def _configure(self, sock: socket.socket) -> None:
+        _grow_buffers(sock)
 
     async def listen_and_serve(self, pre_dial: Hook | None = None, on_read: Hook | None = None) -> None:
         try:
@@ -352,16 +308,6 @@ class UDPStream:
         ):
             transport.sendto(data, client)
 
-    def hook_context(self, client: Any, direction: Direction | None = None, data: bytes = b"") -> HookContext:
-        return HookContext(
-            route=self.name,
-            client=(client[0], client[1]),
-            listen=self._local or (self.listen_host, self.listen_port),
-            target=str(self.resolver),
-            direction=direction,
-            data=data,
-        )
-
     def relay_header_for(self, client: Any) -> bytes:
         """The v2 DGRAM header for `client`'s datagrams: to the listener's address as bound (a
         wildcard listener cannot tell which local address a datagram came to without
@@ -396,13 +342,8 @@ class UDPStream:
         session = self._session_class(self, client)
         self.sessions.add(client, session)
         session.send(data)
-        if log.isEnabledFor(logging.INFO):
-            if self._conn_log is not None:
-                self._conn_log.log(_client_str(client))
-            else:
-                log.info(
-                    "new session", extra={**self.fields, "client": _client_str(client), "action": "accept"}
-                )
+        if self._conn_log is not None or log.isEnabledFor(logging.INFO):
+            self.log_accepted(_client_str(client))
         self.loop.create_task(self._open(session))
 
     async def _open(self, session: _Session) -> None:
@@ -456,10 +397,6 @@ class UDPStream:
             session.close()
             return
         session.ready()
-
-    def _refresh_fields(self) -> None:
-        self.fields = {"route": self.name, **self.describe().as_fields()}
-        self._conn_log = connection_log(log, "new session", {**self.fields, "action": "accept"})
 
     async def _sweep_idle(self) -> None:
         interval = self.idle_timeout / IDLE_TICKS
