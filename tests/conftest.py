@@ -32,6 +32,15 @@ def current_loop_kind() -> str:
     return loop_name(asyncio.get_running_loop())
 
 
+@pytest.fixture(params=["splice", "transport"])
+def both_tcp_engines(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once per TCP engine (raw sockets + splice, asyncio transports)."""
+    from portway.stream.tcp import ENGINE_ENV
+
+    monkeypatch.setenv(ENGINE_ENV, request.param)
+    return str(request.param)
+
+
 @pytest.fixture
 async def tcp_echo() -> AsyncIterator[TCPEchoTarget]:
     target = TCPEchoTarget()

@@ -18,6 +18,9 @@ from portway.stream import TCPStream, UDPStream
 from tests.mmdb_factory import write_city_mmdb
 from tests.targets import TCPEchoTarget, UDPClient, UDPEchoTarget
 
+# Admission runs in each TCP engine: both must honour every rule.
+pytestmark = pytest.mark.usefixtures("both_tcp_engines")
+
 
 class Lines(logging.Handler):
     def __init__(self) -> None:

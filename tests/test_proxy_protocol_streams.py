@@ -22,6 +22,9 @@ from portway.proxy_protocol import build_v1, build_v2, maybe_parse_header
 from portway.stream import TCPStream
 from tests.targets import TCPEchoTarget
 
+# Admission runs in each TCP engine: both must honour every rule.
+pytestmark = pytest.mark.usefixtures("both_tcp_engines")
+
 TRUSTED = "127.0.0.1"
 UNTRUSTED = "127.0.0.66"
 
