@@ -23,9 +23,15 @@ import socket
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from portway.addr import Network
-from portway.errors import ProxyProtocolError
+from portway.admission import (
+    UNTRUSTED,
+    HeaderDone,
+    HeaderOutcome,
+    HeaderReader,
+    HeaderRefused,
+    relay_header,
+)
 from portway.logs import BurstLog
-from portway.proxy_protocol import ProxyHeader, build_v1, build_v2, classify_prefix, maybe_parse_header
 from portway.stream import splice
 from portway.stream.accept import Listener, serve_tcp, serve_tcp_sockets
 from portway.stream.base import Address, Direction, Hook, addr_str
@@ -383,12 +389,12 @@ class _AdmittingClient(_Client):
     `_Client` and pay nothing at all.
     """
 
-    __slots__ = ("header", "local", "timer")
+    __slots__ = ("local", "reader", "timer")
 
     def __init__(self, stream: TCPStream) -> None:
         super().__init__(stream)
-        #: The start of the connection while a PROXY header is being read; None once past it.
-        self.header: bytearray | None = None
+        #: Reads the PROXY header at the start of the connection; None once past it.
+        self.reader: HeaderReader | None = None
         self.timer: asyncio.TimerHandle | None = None
         #: The address the client connected to (our socket, or the believed header's destination).
         self.local: Address | None = None
@@ -400,31 +406,31 @@ class _AdmittingClient(_Client):
             self.local = (sockname[0], sockname[1])
         policy = self.stream.proxy_protocol
         if policy is not None:
-            if policy.trusts(self.client[0]):
-                self.header = bytearray()
+            step = policy.first_step(self.client[0])
+            if step == "read":
+                self.reader = HeaderReader(policy)
                 self.timer = self.stream.loop.call_later(policy.header_timeout, self._header_expired)
                 return
-            if policy.mode == "required":
-                self._refuse("peer is not a trusted proxy (PROXY protocol required)")
+            if step == "refuse":
+                self._refuse(UNTRUSTED)
                 return
         self._admit()
 
     def data_received(self, data: bytes) -> None:
-        header = self.header
-        if header is None:
+        reader = self.reader
+        if reader is None:
             super().data_received(data)
-            return
-        header += data
-        self._maybe_end_header(header)
+        else:
+            self._header_outcome(reader.feed(data))
 
     def eof_received(self) -> bool:
-        header = self.header
-        if header is None:
+        reader = self.reader
+        if reader is None:
             return super().eof_received()
-        if header and self._is_plain_data(header, final=True):
-            self._end_header(None, header)
+        outcome = reader.end_of_stream()
+        self._header_outcome(outcome)
+        if isinstance(outcome, HeaderDone):
             return super().eof_received()
-        self._refuse("connection ended before the PROXY header did")
         return True  # already aborted: the transport must not close itself a second time
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -433,53 +439,30 @@ class _AdmittingClient(_Client):
 
     # the header phase
 
-    def _maybe_end_header(self, header: bytearray) -> None:
-        if self._is_plain_data(header, final=False):
-            self._end_header(None, header)
+    def _header_expired(self) -> None:
+        self.timer = None
+        if self.reader is not None:
+            self._header_outcome(self.reader.expired())
+
+    def _header_outcome(self, outcome: HeaderOutcome | None) -> None:
+        if outcome is None:
             return
-        try:
-            parsed = maybe_parse_header(header)
-        except ProxyProtocolError as exc:
-            self._refuse(str(exc))
-            return
-        if parsed is not None:
-            self._end_header(parsed, header[parsed.length :])
-
-    def _is_plain_data(self, header: bytearray, *, final: bool) -> bool:
-        """Mixed mode only: do these first bytes belong to a client that sent no header?
-
-        `final` (EOF or timeout): a short prefix that could still have become a header is data.
-        """
-        if self.stream.proxy_protocol is None or self.stream.proxy_protocol.mode != "mixed":
-            return False
-        starts = classify_prefix(header)
-        return starts is False or (final and starts is None)
-
-    def _end_header(self, parsed: ProxyHeader | None, rest: bytes | bytearray) -> None:
         self._stop_header()
+        if isinstance(outcome, HeaderRefused):
+            self._refuse(outcome.reason)
+            return
+        parsed = outcome.header
         if parsed is not None and parsed.source is not None:
             # LOCAL and UNKNOWN carry no addresses: the proxy speaks for itself (health checks).
             self.client = parsed.source
             if parsed.destination is not None:
                 self.local = parsed.destination
-        if rest:
-            _Client.data_received(self, bytes(rest))  # not dialed yet, so this only queues
+        if outcome.rest:
+            _Client.data_received(self, outcome.rest)  # not dialed yet, so this only queues
         self._admit()
 
-    def _header_expired(self) -> None:
-        self.timer = None
-        header = self.header
-        if header is None:
-            return
-        if header and self._is_plain_data(header, final=True):
-            self._end_header(None, header)
-            return
-        assert self.stream.proxy_protocol is not None
-        timeout = self.stream.proxy_protocol.header_timeout
-        self._refuse(f"no complete PROXY header within {timeout:g}s ({len(header)} bytes received)")
-
     def _stop_header(self) -> None:
-        self.header = None
+        self.reader = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -501,19 +484,8 @@ class _AdmittingClient(_Client):
     def target_connected(self, transport: asyncio.Transport) -> None:
         version = self.stream.relay_version
         if version:
-            _write(transport, self._relay_header(version))
+            _write(transport, relay_header(version, self.client, self.local))
         super().target_connected(transport)
-
-    def _relay_header(self, version: int) -> bytes:
-        source, destination = self.client, self.local
-        try:
-            if version == 1:
-                return build_v1(source, destination)
-            return build_v2(source, destination)
-        except ValueError:
-            # An address the header cannot carry (e.g. with a zone index): say "unknown" rather
-            # than fail the connection; the target then uses our own address.
-            return build_v1(None, None) if version == 1 else build_v2(None, None)
 
 
 class _AdmittingHookedClient(_AdmittingClient, _HookedClient):

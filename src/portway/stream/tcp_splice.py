@@ -31,8 +31,7 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from portway.errors import ProxyProtocolError
-from portway.proxy_protocol import ProxyHeader, build_v1, build_v2, classify_prefix, maybe_parse_header
+from portway.admission import UNTRUSTED, HeaderOutcome, HeaderReader, HeaderRefused, relay_header
 from portway.stream.base import Address, addr_str
 from portway.stream.splice import CopyPump, SplicePump
 
@@ -45,9 +44,6 @@ __all__ = ["SpliceConn"]
 log = logging.getLogger("portway.tcp")
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-#: The largest PROXY header: a v2 header carries at most 16 + 65535 bytes; v1 is far shorter.
-#: Reading stops there, so a trusted-but-broken peer cannot make us buffer without bound.
-_HEADER_LIMIT = 16 + 65535
 #: SOCK_NONBLOCK makes the new socket non-blocking without a second syscall (Linux).
 _SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
 _NONBLOCK_STREAM = socket.SOCK_STREAM | _SOCK_NONBLOCK
@@ -69,13 +65,13 @@ class SpliceConn:
         "client",
         "client_sock",
         "dial_task",
-        "header",
         "idle",
         "initial",
         "last_moved",
         "local",
         "phase",
         "pump",
+        "reader",
         "stream",
         "target_addr",
         "target_sock",
@@ -95,8 +91,8 @@ class SpliceConn:
         #: Bytes that must reach the target before the pump starts (relay header, bytes after
         #: a received PROXY header); None when there are none.
         self.initial: bytes | None = None
-        #: The start of the connection while a PROXY header is being read; None otherwise.
-        self.header: bytearray | None = None
+        #: Reads the PROXY header at the start of the connection; None otherwise.
+        self.reader: HeaderReader | None = None
         self.local: Address | None = None
         self.phase = _ADMITTING
         self.idle = 0
@@ -125,85 +121,56 @@ class SpliceConn:
             self.local = None
         policy = stream.proxy_protocol
         if policy is not None:
-            if policy.trusts(self.client[0]):
-                self.header = bytearray()
+            step = policy.first_step(self.client[0])
+            if step == "read":
+                self.reader = HeaderReader(policy)
                 stream.loop.add_reader(self.client_sock.fileno(), self._on_header_readable)
                 self.timer = stream.loop.call_later(policy.header_timeout, self._header_expired)
                 return
-            if policy.mode == "required":
-                self._refuse("peer is not a trusted proxy (PROXY protocol required)")
+            if step == "refuse":
+                self._refuse(UNTRUSTED)
                 return
         self._admit()
 
     def _on_header_readable(self) -> None:
-        header = self.header
-        if header is None or self.phase != _ADMITTING:
+        reader = self.reader
+        if reader is None or self.phase != _ADMITTING:
             return
         try:
-            data = self.client_sock.recv(_HEADER_LIMIT + 1 - len(header))
+            data = self.client_sock.recv(reader.room())
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._close()
             return
-        if not data:
-            if header and self._is_plain_data(header, final=True):
-                # The pump reads the EOF again from the socket: EOF is sticky.
-                self._end_header(None, header)
-            else:
-                self._refuse("connection ended before the PROXY header did")
-            return
-        header += data
-        if self._is_plain_data(header, final=False):
-            self._end_header(None, header)
-            return
-        try:
-            parsed = maybe_parse_header(header)
-        except ProxyProtocolError as exc:
-            self._refuse(str(exc))
-            return
-        if parsed is not None:
-            self._end_header(parsed, header[parsed.length :])
-        elif len(header) > _HEADER_LIMIT:
-            self._refuse(f"PROXY header longer than {_HEADER_LIMIT} bytes")
+        # On EOF the pump reads the end of stream again from the socket later: EOF is sticky.
+        self._header_outcome(reader.feed(data) if data else reader.end_of_stream())
 
-    def _is_plain_data(self, header: bytearray, *, final: bool) -> bool:
-        """Mixed mode only: do these first bytes belong to a client that sent no header?
+    def _header_expired(self) -> None:
+        self.timer = None
+        if self.reader is not None:
+            self._header_outcome(self.reader.expired())
 
-        `final` (EOF or timeout): a short prefix that could still have become a header is data.
-        """
-        policy = self.stream.proxy_protocol
-        if policy is None or policy.mode != "mixed":
-            return False
-        starts = classify_prefix(header)
-        return starts is False or (final and starts is None)
-
-    def _end_header(self, parsed: ProxyHeader | None, rest: bytes | bytearray) -> None:
+    def _header_outcome(self, outcome: HeaderOutcome | None) -> None:
+        if outcome is None:
+            return
         self._stop_header()
+        if isinstance(outcome, HeaderRefused):
+            self._refuse(outcome.reason)
+            return
+        parsed = outcome.header
         if parsed is not None and parsed.source is not None:
             # LOCAL and UNKNOWN carry no addresses: the proxy speaks for itself (health checks).
             self.client = parsed.source
             if parsed.destination is not None:
                 self.local = parsed.destination
-        if rest:
-            self.initial = bytes(rest)
+        if outcome.rest:
+            self.initial = outcome.rest
         self._admit()
 
-    def _header_expired(self) -> None:
-        self.timer = None
-        header = self.header
-        if header is None:
-            return
-        if header and self._is_plain_data(header, final=True):
-            self._end_header(None, header)
-            return
-        assert self.stream.proxy_protocol is not None
-        timeout = self.stream.proxy_protocol.header_timeout
-        self._refuse(f"no complete PROXY header within {timeout:g}s ({len(header)} bytes received)")
-
     def _stop_header(self) -> None:
-        if self.header is not None:
-            self.header = None
+        if self.reader is not None:
+            self.reader = None
             self.stream.loop.remove_reader(self.client_sock.fileno())
         if self.timer is not None:
             self.timer.cancel()
@@ -222,20 +189,9 @@ class SpliceConn:
             return
         version = stream.relay_version
         if version:
-            relay = self._relay_header(version)
+            relay = relay_header(version, self.client, self.local)
             self.initial = relay + self.initial if self.initial else relay
         self.start_plain()
-
-    def _relay_header(self, version: int) -> bytes:
-        source, destination = self.client, self.local
-        try:
-            if version == 1:
-                return build_v1(source, destination)
-            return build_v2(source, destination)
-        except ValueError:
-            # An address the header cannot carry (e.g. with a zone index): say "unknown" rather
-            # than fail the connection; the target then uses our own address.
-            return build_v1(None, None) if version == 1 else build_v2(None, None)
 
     def _start_pre_dial(self) -> None:
         self.dial_task = self.stream.loop.create_task(self._pre_dial())
@@ -441,8 +397,8 @@ class SpliceConn:
         if self.dial_task is not None:
             task, self.dial_task = self.dial_task, None
             task.cancel()
-        if self.header is not None:
-            self.header = None
+        if self.reader is not None:
+            self.reader = None
             loop.remove_reader(self.client_sock.fileno())
         target = self.target_sock
         pump = self.pump
