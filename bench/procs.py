@@ -15,10 +15,13 @@ from collections.abc import Sequence
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TWO_CPUS = (os.cpu_count() or 1) >= 2
-PROXY_CPU, LOAD_CPU = 1, 0
+#: The proxy gets CPU 1 to itself; BENCH_PROXY_CPUS=0,1 lets it use both (to show workers
+#: scaling; it then shares CPU 0 with the load, so compare runs made the same way only).
+PROXY_CPU: int | str = os.environ.get("BENCH_PROXY_CPUS", "1")
+LOAD_CPU = 0
 
 
-def pinned(cpu: int, cmd: Sequence[str]) -> list[str]:
+def pinned(cpu: int | str, cmd: Sequence[str]) -> list[str]:
     """Prefix ``cmd`` with taskset when there are two CPUs to separate proxy from load."""
     return ["taskset", "-c", str(cpu), *cmd] if TWO_CPUS else list(cmd)
 
@@ -84,7 +87,7 @@ def wait_tcp(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> bool:
 
 
 def spawn(
-    cmd: Sequence[str], cpu: int, env: dict[str, str] | None = None, quiet: bool = True
+    cmd: Sequence[str], cpu: int | str, env: dict[str, str] | None = None, quiet: bool = True
 ) -> subprocess.Popen[bytes]:
     """Start ``cmd`` pinned to ``cpu`` in its own session, so stop() can signal the whole group."""
     out = subprocess.DEVNULL if quiet else None
