@@ -6,12 +6,16 @@ real socket peers, not mocks. A recording target shows exactly which bytes reach
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Literal
 
 import pytest
@@ -19,7 +23,7 @@ import pytest
 from portway.acl import Acl
 from portway.admission import AccessControl, ProxyProtocolPolicy
 from portway.proxy_protocol import build_v1, build_v2, maybe_parse_header
-from portway.stream import TCPStream
+from portway.stream import TCPStream, tcp_splice
 from tests.targets import TCPEchoTarget
 
 # Admission runs in each TCP engine: both must honour every rule.
@@ -300,3 +304,48 @@ async def test_relay_without_receiving_uses_the_socket_peer(recorder: RecordingT
         assert relayed.destination == stream.local_addr
     finally:
         await stream.close()
+
+
+async def test_large_first_segment_after_the_header_arrives_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytes read together with the header go out before the relay starts; when the target
+    socket takes less than that at once, the rest must follow, in order.
+
+    Loopback send buffers here start at megabytes, so the splice engine's target sockets are
+    made with a small one (real sockets, only their SO_SNDBUF differs) to force a partial send.
+    """
+
+    def small_sndbuf_socket(family: int, kind: int) -> socket.socket:
+        sock = _socket.socket(family, kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return sock  # type: ignore[return-value]
+
+    monkeypatch.setattr(tcp_splice, "_socket", SimpleNamespace(socket=small_sndbuf_socket))
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by accepted sockets
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    received = bytearray()
+    done = asyncio.Event()
+
+    async def sink(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        received.extend(await r.read(-1))
+        done.set()
+        w.close()
+
+    target = await asyncio.start_server(sink, sock=listener)
+    port = listener.getsockname()[1]
+    stream = await serve(f"127.0.0.1:{port}", proxy_protocol=policy("required"))
+    try:
+        header = build_v1(("203.0.113.9", 5555), ("198.51.100.1", 443))
+        payload = os.urandom(3 * 1024 * 1024)
+        _, writer = await connect(stream, TRUSTED)
+        writer.write(header + payload)  # header and megabytes in one write: a full first read
+        await writer.drain()
+        writer.write_eof()
+        await asyncio.wait_for(done.wait(), 20)
+        writer.close()
+        assert len(received) == len(payload)
+        assert bytes(received) == payload
+    finally:
+        await stream.close()
+        target.close()
