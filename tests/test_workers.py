@@ -116,3 +116,42 @@ async def test_port_in_use_fails_before_forking(tmp_path: Path, tcp_echo: TCPEch
         assert f"route 't': cannot listen on 127.0.0.1:{busy}/tcp: address already in use" in err
     finally:
         blocker.close()
+
+
+async def test_sighup_reloads_every_worker(
+    tmp_path: Path, tcp_echo: TCPEchoTarget, udp_echo: UDPEchoTarget
+) -> None:
+    pw = await start(tmp_path, tcp_echo, udp_echo)
+    try:
+        await pw.wait_for("workers serving")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            new_port = probe.getsockname()[1]
+        config = tmp_path / "w.yml"
+        config.write_text(
+            config.read_text() + route_yaml("added", scheme="tcp4", port=f"{new_port}:{tcp_echo.port}")
+        )
+        mark = len(pw.records)
+        pw.proc.send_signal(signal.SIGHUP)  # the file watcher may also fire; either way each worker reloads
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while (
+            len(
+                {
+                    r.get("worker")
+                    for r in pw.records[mark:]
+                    if r.get("route") == "added" and r.get("event") == "route started"
+                }
+            )
+            < 2
+        ):
+            assert loop.time() < deadline, "not every worker started the added route"
+            await pw.wait_for(
+                "route started", after=len(pw.records), timeout=max(0.1, deadline - loop.time())
+            )
+        reader, writer = await asyncio.open_connection("127.0.0.1", new_port)
+        writer.write(b"new")
+        assert await reader.readexactly(3) == b"new"
+        writer.close()
+    finally:
+        assert await pw.stop() == 0
