@@ -67,11 +67,3 @@ def listen_family(host: str, pinned: int) -> tuple[int, bool]:
         return socket.AF_INET6, pinned == socket.AF_INET6
     return socket.AF_INET, False
 
-
-def has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
