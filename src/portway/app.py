@@ -61,8 +61,7 @@ class LiveServer:
         self.server: Server | None = None
         self.sources: Sources | None = None
         self.providers: dict[tuple[str, str, bool], DockerProvider] = {}
-        #: Bumped after every reload (applied or refused), for whoever waits on `reloaded`.
-        self.generation = 0
+        #: Notified after every reload (applied or refused), for whoever waits in `wait_for`.
         self.reloaded = asyncio.Condition()
         #: Set once the file's routes listen and the providers and file watcher have started.
         self.ready = asyncio.Event()
@@ -153,7 +152,6 @@ class LiveServer:
 
     async def _notify(self) -> None:
         async with self.reloaded:
-            self.generation += 1
             self.reloaded.notify_all()
 
     def _wanted(self) -> Config:
