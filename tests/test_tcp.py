@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import socket
 import struct
@@ -475,3 +476,16 @@ async def test_localhost_target_finds_the_family_that_listens(tcp_echo: TCPEchoT
             writer.close()
     finally:
         await stream.close()
+
+
+async def test_debug_line_reports_bytes_each_way(proxy: TCPStream, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="portway.tcp")
+    reader, writer = await connect(proxy)
+    writer.write(b"x" * 5000)
+    writer.write_eof()
+    assert len(await asyncio.wait_for(reader.read(-1), 5)) == 5000
+    writer.close()
+    await _settles(proxy)
+    (closed,) = [r for r in caplog.records if r.getMessage() == "closed"]
+    assert (closed.bytes_up, closed.bytes_down) == (5000, 5000)  # type: ignore[attr-defined]
+    assert closed.route == "echo" and closed.action == "close"  # type: ignore[attr-defined]

@@ -106,6 +106,7 @@ class _Client(asyncio.Protocol):
         "client_eof",
         "closed",
         "dial_task",
+        "down",
         "idle",
         "peer",
         "pending",
@@ -114,6 +115,7 @@ class _Client(asyncio.Protocol):
         "target",
         "target_eof",
         "transport",
+        "up",
     )
 
     def __init__(self, stream: TCPStream) -> None:
@@ -128,6 +130,9 @@ class _Client(asyncio.Protocol):
         self.target_eof = False
         self.closed = False
         self.idle = 0
+        #: Bytes relayed client -> target and back, for the DEBUG line when the connection ends.
+        self.up = 0
+        self.down = 0
         self.dial_task: asyncio.Task[None] | None = None
 
     # client -> proxy
@@ -156,6 +161,7 @@ class _Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.idle = 0
+        self.up += len(data)
         if self.target is not None:
             _write(self.target, data)
             return
@@ -175,6 +181,8 @@ class _Client(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         stream = self.stream
+        if self.peer is not None and log.isEnabledFor(logging.DEBUG):
+            stream.log_closed(self.client, self.up, self.down, exc)
         stream.conns.discard(self)
         if stream._drained is not None and not stream.conns:
             stream._drained.set()
@@ -197,6 +205,7 @@ class _Client(asyncio.Protocol):
 
     def target_data(self, data: bytes) -> None:
         self.idle = 0
+        self.down += len(data)
         _write(self.transport, data)
 
     def target_eof_received(self) -> None:
@@ -332,10 +341,12 @@ class _HookedClient(_Client):
         if self.target is None:
             super().data_received(data)
             return
+        self.up += len(data)
         _pause(self.transport)
         self.stream.loop.create_task(self._run_hook("client", [data]))
 
     def target_data(self, data: bytes) -> None:
+        self.down += len(data)
         _pause(self.target)
         self.stream.loop.create_task(self._run_hook("target", [data]))
 
@@ -678,6 +689,20 @@ class TCPStream(Endpoint):
         log.error(
             "dial failed",
             extra={**self.fields, "client": addr_str(client), "action": "dial", "error": reason},
+        )
+
+    def log_closed(self, client: Address, up: int, down: int, exc: BaseException | None) -> None:
+        """The DEBUG line for a finished connection: how much went each way, and why it ended."""
+        log.debug(
+            "closed",
+            extra={
+                **self.fields,
+                "client": addr_str(client),
+                "action": "close",
+                "bytes_up": up,
+                "bytes_down": down,
+                "error": repr(exc) if exc is not None else None,
+            },
         )
 
     def refused(self, peer: Address, reason: str) -> None:

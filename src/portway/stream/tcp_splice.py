@@ -351,6 +351,9 @@ class SpliceConn:
     def _pump_done(self, exc: BaseException | None) -> None:
         # An error (a reset on one side) ends the other side too; a plain close, as the
         # transport engine's abort does, so the peer sees the connection end, not a new RST.
+        pump = self.pump
+        if pump is not None and log.isEnabledFor(logging.DEBUG):
+            self.stream.log_closed(self.client, pump.bytes_a_to_b, pump.bytes_b_to_a, exc)
         self._close()
 
     # -- lifetime ----------------------------------------------------------------------------
