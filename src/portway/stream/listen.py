@@ -66,4 +66,3 @@ def listen_family(host: str, pinned: int) -> tuple[int, bool]:
     if ":" in host:
         return socket.AF_INET6, pinned == socket.AF_INET6
     return socket.AF_INET, False
-
