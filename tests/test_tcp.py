@@ -489,3 +489,45 @@ async def test_debug_line_reports_bytes_each_way(proxy: TCPStream, caplog: pytes
     (closed,) = [r for r in caplog.records if r.getMessage() == "closed"]
     assert (closed.bytes_up, closed.bytes_down) == (5000, 5000)  # type: ignore[attr-defined]
     assert closed.route == "echo" and closed.action == "close"  # type: ignore[attr-defined]
+
+
+async def test_pump_refused_by_the_loop_closes_cleanly_and_serving_goes_on(
+    engine: str, tcp_echo: TCPEchoTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the loop refuses to watch a descriptor (uvloop does when it still maps it to a
+    transport), the connection is closed with nothing left registered, and the next one works."""
+    if engine != "splice":
+        pytest.skip("the raw engine's own fault path")
+    stream = TCPStream("tcp4", "127.0.0.1:0", tcp_echo.addr)
+    await stream.listen_and_serve()
+    original = SplicePump.start
+    failures = [1]
+
+    def refuse_once(self: SplicePump) -> None:
+        if failures:
+            failures.pop()
+            raise RuntimeError("File descriptor is used by transport")
+        original(self)
+
+    monkeypatch.setattr(SplicePump, "start", refuse_once)
+    loop_errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: loop_errors.append(context))
+    try:
+        reader, writer = await connect(stream)
+        assert await closed_by_proxy_or_empty(reader)
+        writer.close()
+        assert await _settles(stream)
+        assert loop_errors == []  # no callback failed on a descriptor already closed
+        reader, writer = await connect(stream)
+        writer.write(b"after")
+        assert await reader.readexactly(5) == b"after"
+        writer.close()
+    finally:
+        await stream.close()
+
+
+async def closed_by_proxy_or_empty(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(-1), 5) == b""
+    except ConnectionResetError:
+        return True

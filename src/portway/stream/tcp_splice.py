@@ -290,7 +290,8 @@ class SpliceConn:
         # Start the pump (which registers a reader on this fd) before removing our writer, so on
         # uvloop the descriptor's poll handle is kept instead of closed and opened again.
         self._start_pump(sock)
-        self.stream.loop.remove_writer(sock.fileno())
+        if self.phase == _PUMPING:  # else _start_pump failed and has already cleaned up
+            self.stream.loop.remove_writer(sock.fileno())
 
     def _dial_expired(self) -> None:
         self.timer = None
@@ -345,7 +346,9 @@ class SpliceConn:
             pump.start()
         except (OSError, RuntimeError):
             # uvloop refuses a descriptor it still maps to a live transport: never leave one
-            # side registered and the connection half open.
+            # side registered and the connection half open. The connect writer may still be
+            # registered on the target (see _on_connected): drop it before the socket closes.
+            self.stream.loop.remove_writer(target.fileno())
             self._close()
 
     def _pump_done(self, exc: BaseException | None) -> None:
