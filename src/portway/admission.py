@@ -98,6 +98,15 @@ class HeaderDone:
     header: ProxyHeader | None
     rest: bytes
 
+    def addresses(self, client: Address, local: Address | None) -> tuple[Address, Address | None]:
+        """The client and the address it connected to, as a believed header tells them; a LOCAL
+        or UNKNOWN header (the proxy speaking for itself, e.g. health checks) or none at all
+        leaves the socket's own."""
+        parsed = self.header
+        if parsed is None or parsed.source is None:
+            return client, local
+        return parsed.source, parsed.destination if parsed.destination is not None else local
+
 
 @dataclass(frozen=True, slots=True)
 class HeaderRefused:

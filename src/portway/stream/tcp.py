@@ -462,12 +462,7 @@ class _AdmittingClient(_Client):
         if isinstance(outcome, HeaderRefused):
             self._refuse(outcome.reason)
             return
-        parsed = outcome.header
-        if parsed is not None and parsed.source is not None:
-            # LOCAL and UNKNOWN carry no addresses: the proxy speaks for itself (health checks).
-            self.client = parsed.source
-            if parsed.destination is not None:
-                self.local = parsed.destination
+        self.client, self.local = outcome.addresses(self.client, self.local)
         if outcome.rest:
             _Client.data_received(self, outcome.rest)  # not dialed yet, so this only queues
         self._admit()

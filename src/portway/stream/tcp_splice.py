@@ -158,12 +158,7 @@ class SpliceConn:
         if isinstance(outcome, HeaderRefused):
             self._refuse(outcome.reason)
             return
-        parsed = outcome.header
-        if parsed is not None and parsed.source is not None:
-            # LOCAL and UNKNOWN carry no addresses: the proxy speaks for itself (health checks).
-            self.client = parsed.source
-            if parsed.destination is not None:
-                self.local = parsed.destination
+        self.client, self.local = outcome.addresses(self.client, self.local)
         if outcome.rest:
             self.initial = outcome.rest
         self._admit()
