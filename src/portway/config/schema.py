@@ -33,6 +33,7 @@ from portway.addr import (
     parse_port_spec,
 )
 from portway.config.durations import parse_duration
+from portway.config.pools import HealthCheckConfig, LoadBalanceConfig, PerClientConfig, TargetConfig
 
 
 def _duration(value: Any) -> Any:
@@ -145,6 +146,50 @@ class RouteConfig(_Model):
     #: Send a PROXY header to the target before any client byte (UDP: on every datagram).
     relay_proxy_protocol_header: bool = False
     proxy_protocol_version: int = 2
+    #: A pool of targets instead of `host` (which stays, for one target).
+    targets: list[TargetConfig] | None = None
+    load_balance: LoadBalanceConfig = Field(default_factory=LoadBalanceConfig)
+    #: Active health checks; without this block only passive ejection (failed dials) applies.
+    healthcheck: HealthCheckConfig | None = None
+    #: Live connections (TCP) or sessions (UDP) of this route, per worker; past it new clients are refused.
+    max_connections: int | None = Field(default=None, ge=1)
+    per_client: PerClientConfig = Field(default_factory=PerClientConfig)
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, value: list[TargetConfig] | None, info: ValidationInfo) -> list[TargetConfig] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("a pool needs at least one target")
+        scheme = info.data.get("scheme")
+        seen: set[tuple[str, int | None]] = set()
+        for target in value:
+            fam = ip_family(target.host)
+            if scheme is not None and fam is not None:
+                pinned = family_of(scheme)
+                if pinned not in (socket.AF_UNSPEC, fam):
+                    raise ValueError(
+                        f"{target.host} is not an {_family_name(pinned)} address, which {scheme} pins"
+                    )
+            key = (target.host.lower(), target.port)
+            if key in seen:
+                raise ValueError(f"target {target.host} is listed twice")
+            seen.add(key)
+        if not any(t.weight > 0 for t in value):
+            raise ValueError("every target has weight 0: the pool could never serve")
+        return value
+
+    @model_validator(mode="after")
+    def _host_or_targets(self) -> RouteConfig:
+        if self.targets is not None and "host" in self.model_fields_set:
+            raise ValueError("give `host` (one target) or `targets` (a pool), not both")
+        return self
+
+    def pool(self) -> list[TargetConfig]:
+        """The targets, with `host` as a pool of one and every port filled in."""
+        written = self.targets if self.targets is not None else [TargetConfig(host=self.host)]
+        return [t if t.port is not None else t.model_copy(update={"port": self.port.target}) for t in written]
 
     @field_validator("proxy_protocol_version")
     @classmethod

@@ -1,4 +1,4 @@
-"""What TCP and UDP streams share: addresses, target resolution, binding, and log fields.
+"""What TCP and UDP streams share: addresses, the target pool, binding, limits and log fields.
 
 Kept apart from the data paths so that `TCPStream` and `UDPStream` differ only in how they move
 bytes, and a change to binding or logging cannot drift between the two.
@@ -12,14 +12,16 @@ import socket
 from typing import Any, ClassVar
 
 from portway.addr import Network, family_of, format_hostport, parse_hostport
-from portway.logs import ConnectionLog, connection_log
+from portway.events import Observer
+from portway.limits import ClientLimits
+from portway.logs import BurstLog, ConnectionLog, connection_log
 from portway.stream.base import Address, Direction, HookContext, StreamDescription
 from portway.stream.listen import bind_socket, listen_family
-from portway.stream.resolve import TargetResolver
+from portway.stream.pool import PoolMember, TargetPool
 
 
 class Endpoint:
-    """A listener on one address that forwards to one (resolved) target."""
+    """A listener on one address that forwards to a pool of targets (often a pool of one)."""
 
     #: Set by subclasses: the socket type, and the INFO line logged per connection or session.
     KIND: ClassVar[int]
@@ -35,22 +37,37 @@ class Endpoint:
         name: str,
         resolve_interval: float,
         reuse_port: bool,
+        pool: TargetPool | None = None,
+        max_connections: int | None = None,
+        client_limits: ClientLimits | None = None,
+        observer: Observer | None = None,
     ) -> None:
+        """`pool` replaces `target` (a pool of one built from it otherwise); a pool given here
+        belongs to the caller, which starts and stops it (a reload may hand it to the next
+        stream of the same route, health state and all)."""
         self.network = network
         self.name = name
         listen_hp = parse_hostport(listen)
-        target_hp = parse_hostport(target, allow_zero_port=False)
         self.listen_host = listen_hp.host or ("0.0.0.0" if family_of(network) == socket.AF_INET else "::")
         self.listen_port = listen_hp.port
         self.reuse_port = reuse_port
-        self.resolver = TargetResolver(
-            target_hp.host,
-            target_hp.port,
-            family=family_of(network),
-            kind=self.KIND,
-            interval=resolve_interval,
-            route=name,
-        )
+        self.owns_pool = pool is None
+        if pool is None:
+            target_hp = parse_hostport(target, allow_zero_port=False)
+            pool = TargetPool(
+                name,
+                [PoolMember(target_hp.host or "localhost", target_hp.port)],
+                family=family_of(network),
+                kind=self.KIND,
+                resolve_interval=resolve_interval,
+            )
+        self.pool = pool
+        #: Live connections (TCP) or sessions (UDP) past which new clients are refused; 0 = none.
+        self.max_connections = max_connections or 0
+        self.client_limits = client_limits
+        #: Whoever wants the lifecycle events (metrics, access log); None costs one test per event.
+        self.observer = observer
+        self._limit_log = BurstLog(5.0)
         self._sock: socket.socket | None = None
         self._local: Address | None = None
         self.fields: dict[str, str] = {}
@@ -64,14 +81,14 @@ class Endpoint:
 
     def describe(self) -> StreamDescription:
         listen = format_hostport(*(self._local or (self.listen_host, self.listen_port)))
-        return StreamDescription(f"{self.network}->{self.network}", listen, str(self.resolver))
+        return StreamDescription(f"{self.network}->{self.network}", listen, str(self.pool))
 
     async def prepare(self) -> None:
         """Resolve the target and bind the listener without serving yet (all-or-nothing starts)."""
         if self._sock is not None:
             return
         self.loop = asyncio.get_running_loop()
-        await self.resolver.start()
+        await self.pool.start()
         family, v6only = listen_family(self.listen_host, family_of(self.network))
         self._sock = bind_socket(
             self.listen_host,
@@ -95,7 +112,7 @@ class Endpoint:
             route=self.name,
             client=(client[0], client[1]),
             listen=self._local or (self.listen_host, self.listen_port),
-            target=str(self.resolver),
+            target=str(self.pool),
             direction=direction,
             data=data,
         )
@@ -111,3 +128,32 @@ class Endpoint:
     def _refresh_fields(self) -> None:
         self.fields = {"route": self.name, **self.describe().as_fields()}
         self._conn_log = connection_log(self.LOG, self.ACCEPT_MESSAGE, {**self.fields, "action": "accept"})
+
+    def stop_pool(self) -> None:
+        """Stop resolving and probing, if this stream built its own pool."""
+        if self.owns_pool:
+            self.pool.stop()
+
+    def over_limit(self, live: int, client: str) -> str | None:
+        """Why a new client must be refused (route or per-client limit), or None to admit it.
+
+        An admitted client counts against its per-client limit until `release_client`."""
+        if self.max_connections and live >= self.max_connections:
+            return "route connection limit"
+        limits = self.client_limits
+        if limits is not None:
+            return limits.admit(client, self.loop.time())
+        return None
+
+    def release_client(self, client: str) -> None:
+        if self.client_limits is not None:
+            self.client_limits.release(client)
+
+    def log_limited(self, client: str, reason: str) -> None:
+        """A client refused by a limit: logged at a bounded rate, whatever the flood."""
+        emit, suppressed = self._limit_log.hit()
+        if emit:
+            self.LOG.warning(
+                f"refused: {reason}",
+                extra={**self.fields, "client": client, "action": "limit", "suppressed": suppressed},
+            )

@@ -55,10 +55,12 @@ class TargetResolver:
             self._task = None
 
     def prefer(self, addr: SockAddr) -> None:
-        """Move an address that just worked to the front, so dual-stack names dial fast next time."""
-        if self.addresses and self.addresses[0] != addr and addr in self.addresses:
-            self.addresses.remove(addr)
-            self.addresses.insert(0, addr)
+        """Move an address that just worked to the front, so dual-stack names dial fast next time.
+
+        Builds a new list: dials in flight hold the old one as their snapshot."""
+        current = self.addresses
+        if current and current[0] != addr and addr in current:
+            self.addresses = [addr, *(a for a in current if a != addr)]
 
     def dial_failed(self) -> None:
         """Ask for a fresh lookup soon (rate-limited), in case the target moved."""

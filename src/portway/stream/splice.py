@@ -168,7 +168,7 @@ class _Direction:
 class _PumpBase:
     """Shared control logic: readiness callbacks, half-close, completion. Subclasses move bytes."""
 
-    __slots__ = ("_chunk", "_closed", "_dirs", "_done", "_loop", "shutdown_last")
+    __slots__ = ("_chunk", "_closed", "_dirs", "_done", "_loop", "failed_side", "shutdown_last")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, a: socket.SocketType, b: socket.SocketType, on_done: PumpDone
@@ -181,6 +181,10 @@ class _PumpBase:
         #: False when the caller closes both sockets as soon as the pump is done: the last
         #: direction's EOF then reaches its receiver with that close, one syscall fewer.
         self.shutdown_last = True
+        #: Which socket an error came from, when the pump failed: 0 for `a`, 1 for `b`. A read
+        #: error belongs to the source, a write error (EPIPE, or any error while draining) to
+        #: the destination; close reasons (client_reset / target_reset) are built on it.
+        self.failed_side = -1
 
     # -- byte movers, provided by subclasses -------------------------------------------------
     def _fill(self, d: _Direction) -> int:  # pragma: no cover - abstract
@@ -231,9 +235,14 @@ class _PumpBase:
             self._loop.remove_writer(d.dst)
             self._drop_holding(d)
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, d: _Direction | None = None, writing: bool = False) -> None:
         if self._closed:
             return
+        if d is not None:
+            if not writing and isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+                writing = True
+            src_side = 0 if d is self._dirs[0] else 1
+            self.failed_side = 1 - src_side if writing else src_side
         self.close()
         self._done(exc)
 
@@ -255,7 +264,11 @@ class _PumpBase:
                         self._finish(d)
                     return
                 if d.pending:
-                    self._drain(d)
+                    try:
+                        self._drain(d)
+                    except OSError as exc:
+                        self._fail(exc, d, writing=True)
+                        return
                     if d.pending:
                         # Receiver is slow: stop reading (bytes wait in the sender's socket
                         # buffer, which is what makes TCP push back) until dst takes what we hold.
@@ -269,13 +282,13 @@ class _PumpBase:
                     break
             self._release_if_empty(d)
         except OSError as exc:
-            self._fail(exc)
+            self._fail(exc, d)
 
     def _on_writable(self, d: _Direction) -> None:
         try:
             self._drain(d)
         except OSError as exc:
-            self._fail(exc)
+            self._fail(exc, d, writing=True)
             return
         if d.pending:
             return
@@ -294,7 +307,7 @@ class _PumpBase:
                 d.dst_sock.shutdown(socket.SHUT_WR)
             except OSError as exc:
                 if exc.errno != errno.ENOTCONN:
-                    self._fail(exc)
+                    self._fail(exc, d, writing=True)
                     return
         d.finished = True
         if last and not self._closed:

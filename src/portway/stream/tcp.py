@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from portway.addr import Network
@@ -31,6 +32,7 @@ from portway.admission import (
     HeaderRefused,
     relay_header,
 )
+from portway.events import CloseReason, ConnectionRecord, Observer
 from portway.logs import BurstLog
 from portway.stream import splice
 from portway.stream.accept import Listener, serve_tcp, serve_tcp_sockets
@@ -41,6 +43,8 @@ from portway.stream.tcp_splice import SpliceConn
 
 if TYPE_CHECKING:
     from portway.admission import AccessControl, ProxyProtocolPolicy
+    from portway.limits import ClientLimits
+    from portway.stream.pool import TargetPool
 
 log = logging.getLogger("portway.tcp")
 
@@ -56,6 +60,10 @@ _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 Engine = Literal["auto", "splice", "transport"]
 #: Overrides `engine="auto"` (tests and benchmarks compare the engines with it).
 ENGINE_ENV = "PORTWAY_TCP_ENGINE"
+
+
+class NoTarget(Exception):
+    """Every target of the pool is down (the pool logs it, at a bounded rate)."""
 
 
 # --- transport guards -------------------------------------------------------------------------
@@ -105,12 +113,17 @@ class _Client(asyncio.Protocol):
         "client",
         "client_eof",
         "closed",
+        "counted",
         "dial_task",
         "down",
+        "holding",
         "idle",
+        "member",
         "peer",
         "pending",
         "pending_size",
+        "reason",
+        "started",
         "stream",
         "target",
         "target_eof",
@@ -134,6 +147,14 @@ class _Client(asyncio.Protocol):
         self.up = 0
         self.down = 0
         self.dial_task: asyncio.Task[None] | None = None
+        #: The pool member dialed (-1: none yet); whether it counts this connection as active;
+        #: whether the client holds a place in the per-client limits.
+        self.member = -1
+        self.holding = False
+        self.counted = False
+        #: Why the connection ended, for the observer (set where the reason is known).
+        self.reason: CloseReason = "normal"
+        self.started = 0.0
 
     # client -> proxy
 
@@ -147,6 +168,10 @@ class _Client(asyncio.Protocol):
         if peername:
             self.client = (peername[0], peername[1])
         self.stream.conns.add(self)
+        observer = self.stream.observer
+        if observer is not None:
+            self.started = time.time()
+            observer.accepted(self.stream.name, "tcp")
         self.transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -157,6 +182,14 @@ class _Client(asyncio.Protocol):
         stream = self.stream
         if stream.log_conns:
             stream.log_accepted(addr_str(self.client))
+        if stream.limited:
+            reason = stream.over_limit(len(stream.conns) - 1, self.client[0])
+            if reason is not None:
+                stream.log_limited(addr_str(self.client), reason)
+                self.reason = "limit"
+                _abort(self.transport)
+                return
+            self.counted = True
         self.dial_task = stream.loop.create_task(self._dial())
 
     def data_received(self, data: bytes) -> None:
@@ -181,8 +214,18 @@ class _Client(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         stream = self.stream
+        if exc is not None and self.reason == "normal":
+            self.reason = "client_reset"
         if self.peer is not None and log.isEnabledFor(logging.DEBUG):
             stream.log_closed(self.client, self.up, self.down, exc)
+        if stream.observer is not None:
+            self._report(stream.observer)
+        if self.counted:
+            self.counted = False
+            stream.release_client(self.client[0])
+        if self.holding:
+            self.holding = False
+            stream.pool.released(self.member)
         stream.conns.discard(self)
         if stream._drained is not None and not stream.conns:
             stream._drained.set()
@@ -215,6 +258,8 @@ class _Client(asyncio.Protocol):
 
     def target_lost(self, exc: Exception | None) -> None:
         if exc is not None:
+            if self.reason == "normal":
+                self.reason = "target_reset"
             _abort(self.transport)
         else:
             _close(self.transport)
@@ -237,10 +282,13 @@ class _Client(asyncio.Protocol):
                 "idle timeout",
                 extra={**self.stream.fields, "client": addr_str(self.client), "action": "idle"},
             )
+        self.reason = "idle_timeout"
         _abort(self.transport)
         _abort(self.target)
 
     def shutdown(self) -> None:
+        if not self.closed and self.reason == "normal":
+            self.reason = "shutdown"
         if self.dial_task is not None and not self.dial_task.done():
             self.dial_task.cancel()
         _close(self.transport)
@@ -265,16 +313,22 @@ class _Client(asyncio.Protocol):
                     "error": repr(exc),
                 },
             )
+            self.reason = "error"
             _abort(self.transport)
             return
         if self.closed:
             return
         peer = stream.target_protocol(self)
         try:
-            transport = await stream.dial(peer)
+            transport = await stream.dial(peer, self)
         except asyncio.CancelledError:
             raise
+        except NoTarget:
+            self.reason = "no_target"
+            _close(self.transport)
+            return
         except (OSError, TimeoutError) as exc:
+            self.reason = "dial_timeout" if isinstance(exc, TimeoutError) else "dial_refused"
             stream.dial_failed(self.client, exc)
             _close(self.transport)
             return
@@ -299,6 +353,22 @@ class _Client(asyncio.Protocol):
             _write(self.target, chunk)
         if self.pending_size > PENDING_LIMIT:
             _resume(self.transport)
+
+    def _report(self, observer: Observer) -> None:
+        stream = self.stream
+        observer.closed(
+            ConnectionRecord(
+                route=stream.name,
+                protocol="tcp",
+                client=self.client,
+                target=stream.pool.key(self.member) if self.member >= 0 else None,
+                started=self.started,
+                duration=max(0.0, time.time() - self.started),
+                bytes_client_to_target=self.up,
+                bytes_target_to_client=self.down,
+                reason=self.reason,
+            )
+        )
 
 
 class _Target(asyncio.Protocol):
@@ -476,6 +546,7 @@ class _AdmittingClient(_Client):
     def _refuse(self, reason: str) -> None:
         self._stop_header()
         self.stream.refused(self.client, reason)
+        self.reason = "error"
         _abort(self.transport)
 
     # the ACL, then the dial
@@ -483,6 +554,7 @@ class _AdmittingClient(_Client):
     def _admit(self) -> None:
         access = self.stream.access
         if access is not None and not access.admit(self.client[0], self.stream.name):
+            self.reason = "acl_denied"
             _abort(self.transport)
             return
         self._admitted()
@@ -528,6 +600,10 @@ class TCPStream(Endpoint):
         proxy_protocol: ProxyProtocolPolicy | None = None,
         relay_proxy_protocol: int = 0,
         engine: Engine = "auto",
+        pool: TargetPool | None = None,
+        max_connections: int | None = None,
+        client_limits: ClientLimits | None = None,
+        observer: Observer | None = None,
     ) -> None:
         """`access` admits clients by address; `proxy_protocol` makes the listener read PROXY
         headers from trusted proxies; `relay_proxy_protocol` (1 or 2, 0 = off) sends a header of
@@ -539,8 +615,19 @@ class TCPStream(Endpoint):
         if network not in ("tcp", "tcp4", "tcp6"):
             raise ValueError(f"TCPStream needs a tcp network, not {network!r}")
         super().__init__(
-            network, listen, target, name=name, resolve_interval=resolve_interval, reuse_port=reuse_port
+            network,
+            listen,
+            target,
+            name=name,
+            resolve_interval=resolve_interval,
+            reuse_port=reuse_port,
+            pool=pool,
+            max_connections=max_connections,
+            client_limits=client_limits,
+            observer=observer,
         )
+        #: Whether new connections pass the route or per-client limits (one test when not).
+        self.limited = bool(self.max_connections) or client_limits is not None
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.log_conns = log_connections
@@ -572,7 +659,7 @@ class TCPStream(Endpoint):
         try:
             await self.prepare()
         except BaseException:
-            self.resolver.stop()
+            self.stop_pool()
             raise
         assert self._sock is not None
         self.pre_dial = pre_dial
@@ -624,7 +711,7 @@ class TCPStream(Endpoint):
         self._sock = None
         if self._sweeper is not None:
             self._sweeper.cancel()
-        self.resolver.stop()
+        self.stop_pool()
         if self._attached and self.access is not None:
             self._attached = False
             self.access.detach()
@@ -648,28 +735,49 @@ class TCPStream(Endpoint):
 
     target_protocol = _Target
 
-    async def dial(self, protocol: _Target) -> asyncio.Transport:
-        """Connect to the first target address that answers, within the connect timeout."""
+    async def dial(self, protocol: _Target, conn: _Client) -> asyncio.Transport:
+        """Connect to a target the pool picks, failing over to the next healthy one, all within
+        the connect timeout; `conn.member` says which one answered."""
+        pool = self.pool
+        client = conn.client[0]
+        tried: list[int] = []
         last: BaseException | None = None
-        async with asyncio.timeout(self.connect_timeout):
-            for addr in list(self.resolver.addresses):
-                try:
-                    transport, _ = await self._connect(addr, protocol)
-                except OSError as exc:
-                    last = exc
-                    if exc.errno in _FD_EXHAUSTED:
-                        break
-                    continue
-                self.resolver.prefer(addr)
-                return transport
-        raise last if last is not None else OSError(errno.EHOSTUNREACH, "no target address")
+        observer = self.observer
+        started = self.loop.time() if observer is not None else 0.0
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                while (index := pool.pick(client, tried)) is not None:
+                    conn.member = index
+                    addresses = pool.addresses(index)
+                    for position, addr in enumerate(addresses):
+                        try:
+                            transport, _ = await self._connect(addr, protocol)
+                        except OSError as exc:
+                            last = exc
+                            if exc.errno in _FD_EXHAUSTED:
+                                raise
+                            continue
+                        pool.dial_succeeded(index, addr if position else None)
+                        pool.acquired(index)
+                        conn.holding = True
+                        if observer is not None:
+                            observer.dialed(self.name, pool.key(index), self.loop.time() - started)
+                        return transport
+                    pool.dial_failed(index)
+                    tried.append(index)
+        except TimeoutError:
+            if conn.member >= 0 and conn.member not in tried:
+                pool.dial_failed(conn.member)
+            raise
+        if last is None:
+            raise NoTarget
+        raise last
 
     async def _connect(self, addr: SockAddr, protocol: _Target) -> tuple[asyncio.Transport, Any]:
         family, (host, port) = addr
         return await self.loop.create_connection(lambda: protocol, host, port, family=family)
 
     def dial_failed(self, client: Address, exc: BaseException) -> None:
-        self.resolver.dial_failed()
         reason = (
             "timed out" if isinstance(exc, TimeoutError) else (getattr(exc, "strerror", None) or str(exc))
         )

@@ -10,10 +10,12 @@ except for an async `pre_dial` hook):
 1. **Admission** (only when the route has an ACL or a PROXY policy): a PROXY header is read with
    `recv` into a bounded buffer and fed to the sans-I/O parser, with one `call_later` timer for
    the wait; then the ACL decides on the real client. A denied client is reset, nothing dialed.
-2. **Dial**: `socket()` + `connect_ex` (EINPROGRESS) + `add_writer`; the `SO_ERROR` check on
-   writability tells success from refusal. The target's addresses are tried in order under one
-   connect timeout. The client is not watched meanwhile: whatever it sends waits in the kernel's
-   socket buffer, which also bounds what it can make us hold.
+2. **Dial**: the route's pool picks a target; `socket()` + `connect_ex` (EINPROGRESS) +
+   `add_writer`; the `SO_ERROR` check on writability tells success from refusal. The target's
+   addresses are tried in order, then the next healthy target the pool picks, all under one
+   connect timeout, so a client never sees a dead target while another is up. The client is not
+   watched meanwhile: whatever it sends waits in the kernel's socket buffer, which also bounds
+   what it can make us hold.
 3. **Initial bytes** (admission only): a relay PROXY header, then the bytes read past the
    received header, are sent before the pump starts, so nothing can overtake them.
 4. **Pump**: `SplicePump` relays both ways with half-close. When it ends, both sockets are closed
@@ -29,9 +31,11 @@ import errno
 import logging
 import os
 import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 from portway.admission import UNTRUSTED, HeaderOutcome, HeaderReader, HeaderRefused, relay_header
+from portway.events import CloseReason, ConnectionRecord
 from portway.stream.base import Address, addr_str
 from portway.stream.splice import CopyPump, SplicePump
 
@@ -62,9 +66,13 @@ class SpliceConn:
 
     __slots__ = (
         "addr_index",
+        "addrs",
         "client",
         "client_sock",
+        "counted",
         "dial_task",
+        "dialed_at",
+        "holding",
         "idle",
         "initial",
         "last_moved",
@@ -72,10 +80,14 @@ class SpliceConn:
         "phase",
         "pump",
         "reader",
+        "reason",
+        "started",
         "stream",
+        "target",
         "target_addr",
         "target_sock",
         "timer",
+        "tried",
     )
 
     def __init__(self, stream: TCPStream, sock: socket.SocketType, peer: tuple[Any, ...]) -> None:
@@ -84,7 +96,20 @@ class SpliceConn:
         self.client: Address = (peer[0], peer[1])
         self.target_sock: socket.SocketType | None = None
         self.target_addr: SockAddr | None = None
+        #: The pool member being dialed or relayed to (-1: none yet), its addresses (a snapshot)
+        #: and the next one to try; `tried` lists members that failed (None until one does).
+        self.target = -1
+        self.addrs: list[SockAddr] = []
         self.addr_index = 0
+        self.tried: list[int] | None = None
+        #: Holds a place in the target's active count / the per-client limit until closed.
+        self.counted = False
+        #: Counts in the pool's active connections of `target` (leastconn reads it) until closed.
+        self.holding = False
+        #: Why the connection ended, for the observer (set where the reason is known).
+        self.reason: CloseReason = "normal"
+        self.started = 0.0
+        self.dialed_at = 0.0
         self.pump: SplicePump | CopyPump | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.dial_task: asyncio.Task[None] | None = None
@@ -98,6 +123,10 @@ class SpliceConn:
         self.idle = 0
         self.last_moved = 0
         stream.conns.add(self)
+        observer = stream.observer
+        if observer is not None:
+            self.started = time.time()
+            observer.accepted(stream.name, "tcp")
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -106,6 +135,14 @@ class SpliceConn:
         stream = self.stream
         if stream.log_conns:
             stream.log_accepted(addr_str(self.client))
+        if stream.limited:
+            reason = stream.over_limit(len(stream.conns) - 1, self.client[0])
+            if reason is not None:
+                stream.log_limited(addr_str(self.client), reason)
+                self.reason = "limit"
+                self._close()
+                return
+            self.counted = True
         if stream.pre_dial is not None:
             self._start_pre_dial()
         else:
@@ -174,12 +211,14 @@ class SpliceConn:
     def _refuse(self, reason: str) -> None:
         self._stop_header()
         self.stream.refused(self.client, reason)
+        self.reason = "error"
         self._close()
 
     def _admit(self) -> None:
         stream = self.stream
         access = stream.access
         if access is not None and not access.admit(self.client[0], stream.name):
+            self.reason = "acl_denied"
             self._close()
             return
         version = stream.relay_version
@@ -208,6 +247,7 @@ class SpliceConn:
                     "error": repr(exc),
                 },
             )
+            self.reason = "error"
             self._close()
             return
         finally:
@@ -220,12 +260,39 @@ class SpliceConn:
     def _dial(self) -> None:
         stream = self.stream
         self.phase = _DIALING
+        if stream.observer is not None:
+            self.dialed_at = stream.loop.time()
         self.timer = stream.loop.call_later(stream.connect_timeout, self._dial_expired)
-        self._try_next(None)
+        self._next_target(None)
+
+    def _next_target(self, last: OSError | None) -> None:
+        """Ask the pool for a target not tried yet and dial it, or give up with the last error."""
+        pool = self.stream.pool
+        index = pool.pick(self.client[0], self.tried or ())
+        if index is None:
+            if last is None:
+                self.reason = "no_target"
+                self._close()
+            else:
+                self._dial_failed(last)
+            return
+        self.target = index
+        self.addrs = pool.addresses(index)
+        self.addr_index = 0
+        self._try_next(last)
+
+    def _target_failed(self, last: OSError) -> None:
+        """Every address of the current target failed: count it, then try another target."""
+        self.stream.pool.dial_failed(self.target)
+        if self.tried is None:
+            self.tried = [self.target]
+        else:
+            self.tried.append(self.target)
+        self._next_target(last)
 
     def _try_next(self, last: OSError | None) -> None:
-        """Connect to the next target address, or give up with the last error."""
-        addresses = self.stream.resolver.addresses
+        """Connect to the current target's next address, or move on to another target."""
+        addresses = self.addrs
         while self.addr_index < len(addresses):
             addr = addresses[self.addr_index]
             self.addr_index += 1
@@ -253,19 +320,21 @@ class SpliceConn:
                 try:
                     self.stream.loop.add_writer(sock.fileno(), self._on_connected)
                 except (OSError, RuntimeError):
+                    self.reason = "error"
                     self._close()
                 return
             sock.close()
             last = OSError(err, os.strerror(err))
-        self._dial_failed(last if last is not None else OSError(errno.EHOSTUNREACH, "no target address"))
+        self._target_failed(last if last is not None else OSError(errno.EHOSTUNREACH, "no target address"))
 
     def _on_connected(self) -> None:
         sock = self.target_sock
         if sock is None or self.phase != _DIALING:
             return
+        stream = self.stream
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self.stream.loop.remove_writer(sock.fileno())
+            stream.loop.remove_writer(sock.fileno())
             self.target_sock = None
             sock.close()
             self._try_next(OSError(err, os.strerror(err)))
@@ -273,28 +342,37 @@ class SpliceConn:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.addr_index > 1:  # not the first address: dial this one first next time
-            assert self.target_addr is not None
-            self.stream.resolver.prefer(self.target_addr)
+        pool = stream.pool
+        index = self.target
+        # Not the first address: dial this one first next time.
+        pool.dial_succeeded(index, self.target_addr if self.addr_index > 1 else None)
+        pool.acquired(index)
+        self.holding = True
+        observer = stream.observer
+        if observer is not None:
+            observer.dialed(stream.name, pool.key(index), stream.loop.time() - self.dialed_at)
         initial = self.initial
         if initial is not None:
             self.initial = None
-            self.stream.loop.remove_writer(sock.fileno())
+            stream.loop.remove_writer(sock.fileno())
             self._send_initial(initial)
             return
         # Start the pump (which registers a reader on this fd) before removing our writer, so on
         # uvloop the descriptor's poll handle is kept instead of closed and opened again.
         self._start_pump(sock)
         if self.phase == _PUMPING:  # else _start_pump failed and has already cleaned up
-            self.stream.loop.remove_writer(sock.fileno())
+            stream.loop.remove_writer(sock.fileno())
 
     def _dial_expired(self) -> None:
         self.timer = None
         if self.phase == _DIALING:
+            if self.target >= 0:
+                self.stream.pool.dial_failed(self.target)
             self._dial_failed(TimeoutError())
 
     def _dial_failed(self, exc: BaseException) -> None:
         self.stream.dial_failed(self.client, exc)
+        self.reason = "dial_timeout" if isinstance(exc, TimeoutError) else "dial_refused"
         self._close()
 
     # -- initial bytes -----------------------------------------------------------------------
@@ -307,6 +385,7 @@ class SpliceConn:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
+            self.reason = "target_reset"
             self._close()
             return
         if sent < len(data):
@@ -344,12 +423,15 @@ class SpliceConn:
             # side registered and the connection half open. The connect writer may still be
             # registered on the target (see _on_connected): drop it before the socket closes.
             self.stream.loop.remove_writer(target.fileno())
+            self.reason = "error"
             self._close()
 
     def _pump_done(self, exc: BaseException | None) -> None:
         # An error (a reset on one side) ends the other side too; a plain close, as the
         # transport engine's abort does, so the peer sees the connection end, not a new RST.
         pump = self.pump
+        if exc is not None and pump is not None:
+            self.reason = "client_reset" if pump.failed_side == 0 else "target_reset"
         if pump is not None and log.isEnabledFor(logging.DEBUG):
             self.stream.log_closed(self.client, pump.bytes_a_to_b, pump.bytes_b_to_a, exc)
         self._close()
@@ -374,10 +456,13 @@ class SpliceConn:
                 "idle timeout",
                 extra={**self.stream.fields, "client": addr_str(self.client), "action": "idle"},
             )
+        self.reason = "idle_timeout"
         self._close()
 
     def shutdown(self) -> None:
         """The stream is closing: end the connection now (FIN both ways)."""
+        if self.phase != _CLOSED:
+            self.reason = "shutdown"
         self._close()
 
     def _close(self) -> None:
@@ -403,6 +488,14 @@ class SpliceConn:
             loop.remove_reader(self.client_sock.fileno())
         target = self.target_sock
         pump = self.pump
+        if stream.observer is not None:
+            self._report(pump)
+        if self.counted:
+            self.counted = False
+            stream.release_client(self.client[0])
+        if self.holding:
+            self.holding = False
+            stream.pool.released(self.target)
         if pump is not None:
             pump.close()  # removes its own readers and writers; a no-op if it already finished
             self.pump = None
@@ -416,3 +509,21 @@ class SpliceConn:
         conns.discard(self)
         if stream._drained is not None and not conns:
             stream._drained.set()
+
+    def _report(self, pump: SplicePump | CopyPump | None) -> None:
+        stream = self.stream
+        assert stream.observer is not None
+        up, down = (pump.bytes_a_to_b, pump.bytes_b_to_a) if pump is not None else (0, 0)
+        stream.observer.closed(
+            ConnectionRecord(
+                route=stream.name,
+                protocol="tcp",
+                client=self.client,
+                target=stream.pool.key(self.target) if self.target >= 0 else None,
+                started=self.started,
+                duration=max(0.0, time.time() - self.started),
+                bytes_client_to_target=up,
+                bytes_target_to_client=down,
+                reason=self.reason,
+            )
+        )

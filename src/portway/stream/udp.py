@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from typing import TYPE_CHECKING, Any, cast
 
 from portway.addr import Network, format_hostport
+from portway.events import CloseReason, ConnectionRecord, Observer
 from portway.logs import BurstLog
 from portway.proxy_protocol import build_v2
 from portway.stream.base import Direction, Hook
@@ -23,6 +25,8 @@ from portway.stream.sessions import SessionTable
 
 if TYPE_CHECKING:
     from portway.admission import AccessControl
+    from portway.limits import ClientLimits
+    from portway.stream.pool import TargetPool
 
 log = logging.getLogger("portway.udp")
 
@@ -41,9 +45,34 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 
 
 class _Session(asyncio.DatagramProtocol):
-    """One client: its connected socket to the target and the datagrams waiting for it."""
+    """One client: its connected socket to its target and the datagrams waiting for it.
 
-    __slots__ = ("client", "idle", "queue", "queued", "stream", "transport")
+    The target is chosen when the session is created and kept for its life. If the pool marks
+    it down, or it answers with ICMP port unreachable, the next datagram moves the client to
+    another target: a new session object takes this one's place in the table (this one's
+    `connection_lost` then removes nothing, since the table no longer maps the client to it).
+    """
+
+    __slots__ = (
+        "bytes_down",
+        "bytes_up",
+        "client",
+        "counted",
+        "dgrams_down",
+        "dgrams_up",
+        "exclude",
+        "generation",
+        "holding",
+        "idle",
+        "member",
+        "moved",
+        "queue",
+        "queued",
+        "started",
+        "stream",
+        "transport",
+        "unreachable",
+    )
 
     def __init__(self, stream: UDPStream, client: Any) -> None:
         self.stream = stream
@@ -52,6 +81,20 @@ class _Session(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.queue: list[bytes] | None = []
         self.queued = 0
+        #: The pool member this session relays to (-1 until set up) and the pool's health
+        #: generation when it was picked: a different generation means "check it is still up".
+        self.member = -1
+        self.generation = stream.pool.generation
+        self.holding = False
+        self.counted = False
+        #: Set by ICMP unreachable from the target: the next datagram moves the session.
+        self.unreachable = False
+        #: Members this client already moved away from (they failed it).
+        self.exclude: list[int] = []
+        #: True once replaced by a session to another target: closing it then reports nothing.
+        self.moved = False
+        self.bytes_up = self.bytes_down = self.dgrams_up = self.dgrams_down = 0
+        self.started = time.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -59,6 +102,8 @@ class _Session(asyncio.DatagramProtocol):
     # client -> target
     def send(self, data: bytes) -> None:
         self.idle = 0
+        self.dgrams_up += 1
+        self.bytes_up += len(data)
         queue = self.queue
         if queue is not None:
             # Still setting up (the transport may exist before `ready()` flushed the queue):
@@ -67,6 +112,9 @@ class _Session(asyncio.DatagramProtocol):
                 queue.append(data)
                 self.queued += len(data)
             return
+        if self.unreachable or self.generation != self.stream.pool.generation:
+            if self.stream.maybe_move(self, data):
+                return
         transport = self.transport
         if (
             transport is not None
@@ -78,31 +126,61 @@ class _Session(asyncio.DatagramProtocol):
     def ready(self) -> None:
         queue, self.queue = self.queue, None
         for data in queue or ():
-            _Session.send(self, data)  # already through any hook: the subclass must not run it twice
+            self._forward(data)
+
+    def _forward(self, data: bytes) -> None:
+        """Send a datagram already counted and already through any hook."""
+        transport = self.transport
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() < SEND_BUFFER_LIMIT  # type: ignore[attr-defined]
+        ):
+            transport.sendto(data)
 
     # target -> client
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.idle = 0
+        self.dgrams_down += 1
+        self.bytes_down += len(data)
         self.stream.reply(data, self.client)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from the target surfaces here on a connected socket: the target
-        # is down for now, which is no reason to drop the session, let alone the listener.
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "target error",
-                extra={**self.stream.fields, "client": _client_str(self.client), "error": str(exc)},
-            )
+        # is down for now, which is no reason to drop the session, let alone the listener; the
+        # next datagram moves to another target if the pool has one.
+        self.unreachable = True
+        self.stream.target_error(self, exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stream.sessions.remove(self.client, self)
         self.transport = None
 
-    def close(self) -> None:
+    def close(self, reason: CloseReason = "shutdown") -> None:
         self.queue = None
+        stream = self.stream
+        if not self.moved:
+            self.moved = True  # report and release once
+            if stream.observer is not None:
+                stream.report(self, reason)
+            if self.counted:
+                self.counted = False
+                stream.release_client(self.client[0])
+        if self.holding:
+            self.holding = False
+            stream.pool.released(self.member)
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.close()
+
+    def take_over(self, old: _Session) -> None:
+        """Continue `old` (moving to another target): its counters, limits and history."""
+        self.bytes_up, self.bytes_down = old.bytes_up, old.bytes_down
+        self.dgrams_up, self.dgrams_down = old.dgrams_up, old.dgrams_down
+        self.started = old.started
+        self.counted, old.counted = old.counted, False
+        self.exclude = [*old.exclude, old.member]
+        old.moved = True
 
 
 class _HookedSession(_Session):
@@ -119,6 +197,9 @@ class _HookedSession(_Session):
         self._enqueue("client", data)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.idle = 0
+        self.dgrams_down += 1
+        self.bytes_down += len(data)
         self._enqueue("target", data)
 
     def _enqueue(self, direction: Direction, data: bytes) -> None:
@@ -149,12 +230,12 @@ class _HookedSession(_Session):
                     )
                     self.backlog.clear()
                     stream.sessions.remove(self.client, self)
-                    self.close()
+                    self.close("error")
                     return
                 if direction == "client":
                     _Session.send(self, data)
                 else:
-                    _Session.datagram_received(self, data, None)
+                    self.stream.reply(data, self.client)
         finally:
             self.running = False
 
@@ -228,6 +309,10 @@ class UDPStream(Endpoint):
         reuse_port: bool = False,
         access: AccessControl | None = None,
         relay_proxy_protocol: bool = False,
+        pool: TargetPool | None = None,
+        max_connections: int | None = None,
+        client_limits: ClientLimits | None = None,
+        observer: Observer | None = None,
     ) -> None:
         """`access` admits clients by address when their session is created (a denied source gets
         no session and is never sent anything); `relay_proxy_protocol` prepends a v2 DGRAM PROXY
@@ -235,7 +320,16 @@ class UDPStream(Endpoint):
         if network not in ("udp", "udp4", "udp6"):
             raise ValueError(f"UDPStream needs a udp network, not {network!r}")
         super().__init__(
-            network, listen, target, name=name, resolve_interval=resolve_interval, reuse_port=reuse_port
+            network,
+            listen,
+            target,
+            name=name,
+            resolve_interval=resolve_interval,
+            reuse_port=reuse_port,
+            pool=pool,
+            max_connections=max_connections,
+            client_limits=client_limits,
+            observer=observer,
         )
         self.idle_timeout = idle_timeout
         self.access = access
@@ -249,6 +343,7 @@ class UDPStream(Endpoint):
         self._session_class: type[_Session] = _Session
         self._full_log = BurstLog(10.0)
         self._setup_log = BurstLog(5.0)
+        self._target_log = BurstLog(10.0)
 
     def _configure(self, sock: socket.socket) -> None:
         _grow_buffers(sock)
@@ -257,7 +352,7 @@ class UDPStream(Endpoint):
         try:
             await self.prepare()
         except BaseException:
-            self.resolver.stop()
+            self.stop_pool()
             raise
         assert self._sock is not None
         self.pre_dial = pre_dial
@@ -277,7 +372,7 @@ class UDPStream(Endpoint):
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        self.resolver.stop()
+        self.stop_pool()
         if self._attached and self.access is not None:
             self._attached = False
             self.access.detach()
@@ -290,7 +385,7 @@ class UDPStream(Endpoint):
         self._sock = None
         for session in self.sessions:
             self.sessions.remove(session.client, session)
-            session.close()
+            session.close("shutdown")
         await asyncio.sleep(0)  # let the transports' close callbacks run before we return
 
     async def drain(self, timeout: float) -> None:
@@ -323,7 +418,10 @@ class UDPStream(Endpoint):
         # per-datagram path of existing sessions never consults the ACL. Datagrams from a
         # denied source land here each time, but the decision is cached and the denial log
         # only counts repeats.
+        observer = self.observer
         if self.access is not None and not self.access.admit(client[0], self.name):
+            if observer is not None:
+                observer.datagram_dropped(self.name, "acl_denied")
             return
         if self.sessions.full():
             emit, suppressed = self._full_log.hit()
@@ -338,13 +436,83 @@ class UDPStream(Endpoint):
                         "suppressed": suppressed,
                     },
                 )
+            if observer is not None:
+                observer.datagram_dropped(self.name, "limit")
             return
+        counted = False
+        if self.max_connections or self.client_limits is not None:
+            reason = self.over_limit(len(self.sessions), client[0])
+            if reason is not None:
+                self.log_limited(_client_str(client), reason)
+                if observer is not None:
+                    observer.datagram_dropped(self.name, "limit")
+                return
+            counted = True
         session = self._session_class(self, client)
+        session.counted = counted
         self.sessions.add(client, session)
         session.send(data)
         if self._conn_log is not None or log.isEnabledFor(logging.INFO):
             self.log_accepted(_client_str(client))
+        if observer is not None:
+            observer.accepted(self.name, "udp")
         self.loop.create_task(self._open(session))
+
+    def maybe_move(self, session: _Session, data: bytes) -> bool:
+        """Called for a datagram of a session whose target may be down: move the client to
+        another target (True: `data` went with it), or keep going where it is (False)."""
+        pool = self.pool
+        session.generation = pool.generation
+        if pool.trivial or (not session.unreachable and pool.is_up(session.member)):
+            session.unreachable = False
+            return False
+        moved = self._session_class(self, session.client)
+        moved.take_over(session)
+        self.sessions.remove(session.client, session)
+        self.sessions.add(session.client, moved)
+        session.close()
+        moved.dgrams_up -= 1  # counted once already, by the session it replaces
+        moved.bytes_up -= len(data)
+        moved.send(data)
+        self.loop.create_task(self._open(moved))
+        return True
+
+    def target_error(self, session: _Session, exc: Exception) -> None:
+        """The target refused a datagram (ICMP unreachable): logged like a failed TCP dial."""
+        if session.member >= 0:
+            self.pool.dial_failed(session.member)
+        emit, suppressed = self._target_log.hit()
+        if emit:
+            target = self.pool.key(session.member) if session.member >= 0 else str(self.pool)
+            log.warning(
+                "target unreachable",
+                extra={
+                    **self.fields,
+                    "client": _client_str(session.client),
+                    "target": target,
+                    "action": "dial",
+                    "error": getattr(exc, "strerror", None) or str(exc),
+                    "suppressed": suppressed,
+                },
+            )
+
+    def report(self, session: _Session, reason: CloseReason) -> None:
+        assert self.observer is not None
+        self.observer.closed(
+            ConnectionRecord(
+                route=self.name,
+                protocol="udp",
+                client=(session.client[0], session.client[1]),
+                target=self.pool.key(session.member) if session.member >= 0 else None,
+                started=session.started,
+                duration=max(0.0, time.time() - session.started),
+                bytes_client_to_target=session.bytes_up,
+                bytes_target_to_client=session.bytes_down,
+                reason=reason,
+                datagrams_client_to_target=session.dgrams_up,
+                datagrams_target_to_client=session.dgrams_down,
+            )
+        )
 
     async def _open(self, session: _Session) -> None:
         client = session.client
@@ -362,37 +530,53 @@ class UDPStream(Endpoint):
                     },
                 )
                 self.sessions.remove(client, session)
-                session.queue = None
+                session.close("error")
                 return
         if session.queue is None:  # closed while the hook ran
             return
-        sock = None
-        try:
-            family, addr = self.resolver.addresses[0]
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            sock.setblocking(False)
-            sock.connect(addr)
-            _grow_buffers(sock)
-            await self.loop.create_datagram_endpoint(lambda: session, sock=sock)
-        except OSError as exc:
-            if sock is not None:
-                sock.close()
+        pool = self.pool
+        tried = list(session.exclude)
+        last: OSError | None = None
+        while (index := pool.pick(client[0], tried)) is not None:
+            sock = None
+            try:
+                family, addr = pool.addresses(index)[0]
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+                sock.connect(addr)
+                _grow_buffers(sock)
+                session.member = index
+                await self.loop.create_datagram_endpoint(lambda: session, sock=sock)
+            except OSError as exc:
+                if sock is not None:
+                    sock.close()
+                last = exc
+                pool.dial_failed(index)
+                tried.append(index)
+                continue
+            break
+        else:
             self.sessions.remove(client, session)
-            session.queue = None
-            self.resolver.dial_failed()
-            emit, suppressed = self._setup_log.hit()
-            if emit:
-                log.error(
-                    "session setup failed",
-                    extra={
-                        **self.fields,
-                        "client": _client_str(client),
-                        "action": "dial",
-                        "error": exc.strerror or str(exc),
-                        "suppressed": suppressed,
-                    },
-                )
+            session.member = -1
+            if last is not None:
+                emit, suppressed = self._setup_log.hit()
+                if emit:
+                    log.error(
+                        "session setup failed",
+                        extra={
+                            **self.fields,
+                            "client": _client_str(client),
+                            "action": "dial",
+                            "error": last.strerror or str(last),
+                            "suppressed": suppressed,
+                        },
+                    )
+            if self.observer is not None:
+                self.observer.datagram_dropped(self.name, "no_target")
+            session.close("dial_refused" if last is not None else "no_target")
             return
+        pool.acquired(session.member)
+        session.holding = True
         if session.queue is None:  # the stream closed while we were setting up
             session.close()
             return
@@ -408,7 +592,7 @@ class UDPStream(Endpoint):
                         "session expired",
                         extra={**self.fields, "client": _client_str(client), "action": "expire"},
                     )
-                session.close()
+                session.close("idle_timeout")
 
 
 def _grow_buffers(sock: socket.socket) -> None:

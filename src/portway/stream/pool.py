@@ -1,0 +1,242 @@
+"""A route's pool of targets at run time: addresses, the balancer's choice, health, and use.
+
+The one piece that answers "which address do I dial next, and what happened" for both TCP
+engines and UDP. The decisions are pure (``portway.balance``); this adapter adds what needs the
+loop: name resolution per target (``TargetResolver``), the clock, active health probes
+(``portway.probe``), and the log lines for state changes.
+
+Each dial works on a snapshot: ``addresses(i)`` returns the resolver's current list object,
+which a re-resolve replaces rather than mutates, so a refresh (or a reload re-weighting the
+pool) never shifts an index under a dial in flight.
+
+A pool of one target without active checks is the plain route of before: ``pick`` returns it
+without consulting the balancer, and a dead target is not "ejected" (with nothing to fail over
+to, ejection would only turn a slow failure into a fast one for the next clients).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from portway.addr import format_hostport
+from portway.balance import Balancer, HealthPolicy, Mode, TargetSpec, TargetState, Transition
+from portway.logs import BurstLog
+from portway.probe import probe_tcp, probe_udp
+from portway.stream.resolve import SockAddr, TargetResolver
+
+__all__ = ["HealthCheck", "PoolMember", "TargetPool"]
+
+log = logging.getLogger("portway.pool")
+
+#: Probes are spread over +-10 % of the interval so that many targets' checks never line up.
+_JITTER = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class PoolMember:
+    """One configured target."""
+
+    host: str
+    port: int
+    weight: int = 1
+    backup: bool = False
+
+    @property
+    def key(self) -> str:
+        return format_hostport(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active probing of every target of a pool (only for routes with `healthcheck:`)."""
+
+    interval: float
+    timeout: float
+    send: bytes = b""
+    expect: bytes | re.Pattern[bytes] | None = None
+
+
+class TargetPool:
+    """The targets of one route and the state shared by every connection to them."""
+
+    def __init__(
+        self,
+        route: str,
+        members: Sequence[PoolMember],
+        *,
+        family: int,
+        kind: int,
+        mode: Mode = "roundrobin",
+        health: HealthPolicy | None = None,
+        check: HealthCheck | None = None,
+        resolve_interval: float = 60.0,
+    ) -> None:
+        if not members:
+            raise ValueError(f"route {route!r}: a pool needs at least one target")
+        self.route = route
+        self.family = family
+        self.kind = kind
+        self.check = check
+        self.resolve_interval = resolve_interval
+        self.members = tuple(members)
+        self.balancer = Balancer(
+            [TargetSpec(m.key, m.weight, m.backup) for m in members], mode, health or HealthPolicy()
+        )
+        self.resolvers = [self._resolver(m) for m in members]
+        #: One target, no active check: pick() is a constant and failures eject nothing.
+        self.trivial = len(members) == 1 and check is None
+        #: Bumped on every health transition: a UDP session compares it per datagram (one int
+        #: compare) to learn that it may have to move, without reading the clock.
+        self.generation = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._probes: list[asyncio.Task[None]] = []
+        self._none_up = BurstLog(10.0)
+        self._started = False
+
+    def _resolver(self, member: PoolMember) -> TargetResolver:
+        return TargetResolver(
+            member.host,
+            member.port,
+            family=self.family,
+            kind=self.kind,
+            interval=self.resolve_interval,
+            route=self.route,
+        )
+
+    def __str__(self) -> str:
+        if len(self.members) == 1:
+            return str(self.resolvers[0])
+        return ",".join(m.key for m in self.members)
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resolve every target (a name that does not resolve is a ResolveError naming the
+        route) and start the probes. Idempotent: a pool shared by two streams starts once."""
+        if self._started:
+            return
+        self.loop = asyncio.get_running_loop()
+        try:
+            for resolver in self.resolvers:
+                await resolver.start()
+        except BaseException:
+            self.stop()
+            raise
+        self._started = True
+        if self.check is not None:
+            for index in range(len(self.members)):
+                self._probes.append(self.loop.create_task(self._probe_forever(index)))
+
+    def stop(self) -> None:
+        for resolver in self.resolvers:
+            resolver.stop()
+        for task in self._probes:
+            task.cancel()
+        self._probes.clear()
+        self._started = False
+
+    # -- the data plane's questions ----------------------------------------------------------
+
+    def pick(self, client: str, exclude: Sequence[int] = ()) -> int | None:
+        """The target for a new connection from `client` (an IP), or None if none is up."""
+        if self.trivial:
+            return None if exclude else 0
+        assert self.loop is not None
+        choice = self.balancer.choose(client, self.loop.time(), exclude)
+        if choice is None and not exclude:
+            emit, suppressed = self._none_up.hit()
+            if emit:
+                log.error(
+                    "no target available: every target is down; clients are closed at once",
+                    extra={"route": self.route, "targets": str(self), "suppressed": suppressed},
+                )
+        return choice
+
+    def addresses(self, index: int) -> list[SockAddr]:
+        """Target `index`'s addresses: a snapshot (re-resolving replaces the list, never edits it)."""
+        return self.resolvers[index].addresses
+
+    def key(self, index: int) -> str:
+        return self.members[index].key
+
+    def member_state(self, index: int) -> TargetState:
+        return self.balancer.targets[index]
+
+    def acquired(self, index: int) -> None:
+        self.balancer.acquired(index)
+
+    def released(self, index: int) -> None:
+        self.balancer.released(index)
+
+    def dial_failed(self, index: int) -> None:
+        """A dial to target `index` failed (refused, unreachable, timed out): re-resolve soon,
+        and count it toward passive ejection."""
+        self.resolvers[index].dial_failed()
+        if self.trivial or self.loop is None:
+            return
+        self._transition(self.balancer.dial_failed(index, self.loop.time()))
+
+    def dial_succeeded(self, index: int, addr: SockAddr | None = None) -> None:
+        if addr is not None:
+            self.resolvers[index].prefer(addr)
+        if self.trivial or self.loop is None:
+            return
+        self._transition(self.balancer.dial_succeeded(index, self.loop.time()))
+
+    def is_up(self, index: int) -> bool:
+        if self.trivial or self.loop is None:
+            return True
+        return self.balancer.available(index, self.loop.time())
+
+    # -- health ------------------------------------------------------------------------------
+
+    def _transition(self, change: Transition | None) -> None:
+        if change is None:
+            return
+        self.generation += 1
+        level = logging.WARNING if change.new == "down" else logging.INFO
+        log.log(
+            level,
+            f"target {change.old} -> {change.new}",
+            extra={
+                "route": self.route,
+                "target": change.key,
+                "action": "health",
+                "state": change.new,
+                "error": change.reason,
+            },
+        )
+
+    async def _probe_forever(self, index: int) -> None:
+        check = self.check
+        assert check is not None and self.loop is not None
+        loop = self.loop
+        # The first probe of each target lands anywhere in the first interval.
+        await asyncio.sleep(random.uniform(0, check.interval))
+        while True:
+            ok, reason = await self._probe_once(index, check)
+            self._transition(self.balancer.probe_result(index, ok, loop.time(), reason))
+            await asyncio.sleep(check.interval * random.uniform(1 - _JITTER, 1 + _JITTER))
+
+    async def _probe_once(self, index: int, check: HealthCheck) -> tuple[bool, str]:
+        addresses = self.addresses(index)
+        if not addresses:
+            return False, "no address"
+        family, addr = addresses[0]
+        try:
+            if self.kind == socket.SOCK_DGRAM:
+                return await probe_udp(family, addr, check.timeout, check.send, check.expect)
+            return await probe_tcp(family, addr, check.timeout, check.send, check.expect)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a probe must never take the pool down
+            with contextlib.suppress(Exception):
+                log.debug("probe error", extra={"route": self.route, "error": repr(exc)})
+            return False, f"probe error: {exc}"
