@@ -48,14 +48,25 @@ def open_fds() -> int:
 
 
 def test_plan_sorts_routes_by_what_happens_to_them() -> None:
-    old = {"keep": route(port="1000:1"), "edit": route(port="1001:1"), "gone": route(port="1002:1")}
-    new = {"keep": route(port="1000:1"), "edit": route(port="1001:2"), "fresh": route(port="1003:1")}
+    old = {
+        "keep": route(port="1000:1"),
+        "edit": route(port="1001:1"),
+        "gone": route(port="1002:1"),
+        "pool": route(port="1004:1"),
+    }
+    new = {
+        "keep": route(port="1000:1"),
+        "edit": route(port="1001:1", idle_timeout="5s"),
+        "fresh": route(port="1003:1"),
+        "pool": route(port="1004:2", host="127.0.0.2"),
+    }
     plan = plan_reload(old, new)
-    assert (plan.unchanged, plan.changed, plan.removed, plan.added) == (
+    assert (plan.unchanged, plan.changed, plan.removed, plan.added, plan.retargeted) == (
         ("keep",),
         ("edit",),
         ("gone",),
         ("fresh",),
+        ("pool",),  # only its target moved: updated in place, the listener stays
     )
     assert plan.release_first == ("edit",)  # it keeps port 1001, so the old listener goes first
     assert plan.to_start == ("edit", "fresh")

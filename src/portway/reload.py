@@ -14,6 +14,10 @@ Rules:
 * Settings outside ``routes:`` that every route inherits (the global ``acl`` and the
   ``entrypoint``) count as part of each route: changing them replaces every route.
 * ``grace_period``, ``providers`` and ``workers`` change no route by themselves.
+* A route whose only changes are to its pool (``host``/``targets``, the target port,
+  ``load_balance``, ``healthcheck``) is *retargeted*: its listener and every live connection
+  stay, the pool is updated in place (targets that stay keep their health state), and only
+  connections to a removed target drain.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from portway.addr import PortSpec
 from portway.config.schema import Config, RouteConfig, listeners_overlap
 
 __all__ = ["ReloadPlan", "plan_reload", "shared_settings_changed"]
@@ -37,10 +42,12 @@ class ReloadPlan:
     #: Changed routes whose old listener overlaps a listener of the new config: it must stop
     #: accepting before the new listeners bind, so the port is briefly closed for these only.
     release_first: tuple[str, ...]
+    #: Routes whose pool changed and nothing else: updated in place, connections kept.
+    retargeted: tuple[str, ...] = ()
 
     @property
     def is_empty(self) -> bool:
-        return not (self.added or self.changed or self.removed)
+        return not (self.added or self.changed or self.removed or self.retargeted)
 
     @property
     def to_start(self) -> tuple[str, ...]:
@@ -63,12 +70,44 @@ def plan_reload(
     """
     unchanged: list[str] = []
     changed: list[str] = []
+    retargeted: list[str] = []
     for name in sorted(old.keys() & new.keys()):
-        (changed if replace_all or old[name] != new[name] else unchanged).append(name)
+        if old[name] == new[name] and not replace_all:
+            unchanged.append(name)
+        elif not replace_all and only_pool_changed(old[name], new[name]):
+            retargeted.append(name)
+        else:
+            changed.append(name)
     added = sorted(new.keys() - old.keys())
     removed = sorted(old.keys() - new.keys())
     starting = [new[name] for name in (*added, *changed)]
     release_first = [
         name for name in changed if any(listeners_overlap(old[name], route) for route in starting)
     ]
-    return ReloadPlan(tuple(unchanged), tuple(added), tuple(changed), tuple(removed), tuple(release_first))
+    return ReloadPlan(
+        tuple(unchanged),
+        tuple(added),
+        tuple(changed),
+        tuple(removed),
+        tuple(release_first),
+        tuple(retargeted),
+    )
+
+
+def pool_settings(route: RouteConfig) -> tuple[object, ...]:
+    """What a route's pool is made of: equal tuples mean the same pool (health state kept)."""
+    return (route.pool(), route.load_balance.mode, route.healthcheck, route.scheme, route.resolve_interval)
+
+
+def only_pool_changed(old: RouteConfig, new: RouteConfig) -> bool:
+    """Whether `old` becomes `new` by changing its pool only (targets, weights, mode, checks)."""
+    moved = old.model_copy(
+        update={
+            "host": new.host,
+            "targets": new.targets,
+            "port": PortSpec(old.port.listening, new.port.target),
+            "load_balance": new.load_balance,
+            "healthcheck": new.healthcheck,
+        }
+    )
+    return moved == new

@@ -1,15 +1,25 @@
-"""Running a configuration: one stream per route, started all-or-nothing, stopped cleanly."""
+"""Running a configuration: one stream per route, started all-or-nothing, stopped cleanly.
+
+The server owns each route's target pool (not the stream): a reload that replaces a route's
+listener hands the same pool, health state and all, to the new stream when the pool's settings
+did not change, and a reload that changes only the pool updates it in place.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
-from portway.addr import format_hostport, is_udp
+from portway.addr import family_of, format_hostport, is_udp
 from portway.admission import AdmissionFactory
+from portway.balance import HealthPolicy
 from portway.config.schema import Config, RouteConfig
 from portway.errors import PortwayError
-from portway.reload import plan_reload, shared_settings_changed
+from portway.events import Observer
+from portway.limits import ClientLimits
+from portway.reload import plan_reload, pool_settings, shared_settings_changed
+from portway.stream.pool import HealthCheck, PoolMember, TargetPool
 from portway.stream.tcp import TCPStream
 from portway.stream.udp import UDPStream
 
@@ -18,22 +28,59 @@ log = logging.getLogger("portway")
 AnyStream = TCPStream | UDPStream
 
 
+def build_pool(name: str, route: RouteConfig) -> TargetPool:
+    """The target pool a route describes (not yet resolved)."""
+    hc = route.healthcheck
+    check = None
+    health = HealthPolicy()
+    if hc is not None:
+        check = HealthCheck(hc.interval, hc.timeout, hc.send_bytes(), hc.expectation())
+        health = HealthPolicy(rise=hc.rise, fall=hc.fall)
+    return TargetPool(
+        name,
+        [PoolMember(t.host, t.port or route.port.target, t.weight, t.backup) for t in route.pool()],
+        family=family_of(route.scheme),
+        kind=socket.SOCK_DGRAM if is_udp(route.scheme) else socket.SOCK_STREAM,
+        mode=route.load_balance.mode,
+        health=health,
+        check=check,
+        resolve_interval=route.resolve_interval,
+    )
+
+
+def client_limits(route: RouteConfig) -> ClientLimits | None:
+    per = route.per_client
+    if per.max_connections is None and per.rate is None:
+        return None
+    return ClientLimits(per.max_connections, per.rate_per_second())
+
+
 def build_stream(
-    name: str, route: RouteConfig, *, reuse_port: bool = False, admission: AdmissionFactory | None = None
+    name: str,
+    route: RouteConfig,
+    *,
+    reuse_port: bool = False,
+    admission: AdmissionFactory | None = None,
+    pool: TargetPool | None = None,
+    observer: Observer | None = None,
 ) -> AnyStream:
     """The stream a route describes (not yet bound).
 
     `admission` supplies the global ACL and the entrypoint's PROXY protocol settings and shares
     GeoIP databases and ACL logs between routes; without it only the route's own ACL and PROXY
     settings apply. Raises ConfigError (naming the route) if a GeoIP database or ACL log file
-    cannot be opened.
+    cannot be opened. `pool` is the caller's (it stops it); without one the stream builds and
+    owns its own.
     """
     admission = admission if admission is not None else AdmissionFactory()
     listen = format_hostport(route.listen_host(), route.port.listening)
-    target = format_hostport(route.host, route.port.target)
+    owned = pool is None
+    pool = pool if pool is not None else build_pool(name, route)
+    target = str(pool.resolvers[0])
     access = admission.access_control(name, route)
+    stream: AnyStream
     if is_udp(route.scheme):
-        return UDPStream(
+        stream = UDPStream(
             route.scheme,
             listen,
             target,
@@ -44,29 +91,46 @@ def build_stream(
             reuse_port=reuse_port,
             access=access,
             relay_proxy_protocol=route.relay_proxy_protocol_header,
+            pool=pool,
+            max_connections=route.max_connections,
+            client_limits=client_limits(route),
+            observer=observer,
         )
-    return TCPStream(
-        route.scheme,
-        listen,
-        target,
-        name=name,
-        connect_timeout=route.connect_timeout,
-        idle_timeout=route.idle_timeout,
-        resolve_interval=route.resolve_interval,
-        reuse_port=reuse_port,
-        access=access,
-        proxy_protocol=admission.proxy_protocol(route),
-        relay_proxy_protocol=route.proxy_protocol_version if route.relay_proxy_protocol_header else 0,
-    )
+    else:
+        stream = TCPStream(
+            route.scheme,
+            listen,
+            target,
+            name=name,
+            connect_timeout=route.connect_timeout,
+            idle_timeout=route.idle_timeout,
+            resolve_interval=route.resolve_interval,
+            reuse_port=reuse_port,
+            access=access,
+            proxy_protocol=admission.proxy_protocol(route),
+            relay_proxy_protocol=route.proxy_protocol_version if route.relay_proxy_protocol_header else 0,
+            pool=pool,
+            max_connections=route.max_connections,
+            client_limits=client_limits(route),
+            observer=observer,
+        )
+    stream.owns_pool = owned
+    return stream
 
 
 class Server:
     """The routes of one config, in one process."""
 
-    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
+    #: Receives every connection's lifecycle events (metrics, access log); None = nobody.
+    observer: Observer | None = None
+
+    def __init__(self, config: Config, *, reuse_port: bool = False, observer: Observer | None = None) -> None:
         self.config = config
         self.reuse_port = reuse_port
+        self.observer = observer
         self.streams: dict[str, AnyStream] = {}
+        #: Each running route's pool; a stream only borrows it (see the module docstring).
+        self.pools: dict[str, TargetPool] = {}
         #: The global ACL, GeoIP databases and ACL logs, opened once and shared by the routes.
         self.admission = AdmissionFactory(config)
         #: Streams replaced or removed by a reload, finishing their connections in the background.
@@ -77,17 +141,18 @@ class Server:
 
     async def start(self) -> None:
         """Resolve and bind every route, then serve them all; on any failure, nothing is left running."""
-        streams = {
-            name: build_stream(name, r, reuse_port=self.reuse_port, admission=self.admission)
-            for name, r in self.config.routes.items()
-        }
+        pools = {name: build_pool(name, r) for name, r in self.config.routes.items()}
+        streams = {name: self._build(name, r, pools[name]) for name, r in self.config.routes.items()}
         try:
             for stream in streams.values():
                 await stream.prepare()
         except BaseException:
             for stream in streams.values():
                 await stream.close()
+            for pool in pools.values():
+                pool.stop()
             raise
+        self.pools = pools
         for name, stream in streams.items():
             await stream.listen_and_serve()
             self.streams[name] = stream
@@ -104,6 +169,13 @@ class Server:
         )
         for stream in streams.values():
             log.info("route stopped", extra={**stream.fields, "action": "stop"})
+        pools, self.pools = self.pools, {}
+        for pool in {
+            *pools.values(),
+            *(s.pool for s in streams.values()),
+            *(s.pool for s in draining.values()),
+        }:
+            pool.stop()
         for admission in (*self._retired, self.admission):
             admission.close()
         self._retired.clear()
@@ -111,12 +183,15 @@ class Server:
     async def apply(self, config: Config) -> dict[str, Exception]:
         """Move the running routes to those of `config`, disturbing as little as possible.
 
-        Unchanged routes keep their listener and connections. A removed route stops accepting and
-        its connections get ``config.grace_period`` to finish. A changed route gets a new stream;
-        the old one stops accepting once the new one listens (or just before it binds, when both
-        want the same port) and drains like a removed one, so established connections finish on
-        the settings they started with. A route that cannot start (its port is taken, its target
-        does not resolve) fails alone and loudly; if its old version was still listening it keeps
+        Unchanged routes keep their listener and connections. A route whose pool alone changed
+        keeps them too: its pool is updated in place, and connections to a target that left get
+        ``config.grace_period`` to finish. A removed route stops accepting and its connections
+        get the grace period. A changed route gets a new stream (with the same pool, health
+        state included, when the pool's settings did not change); the old one stops accepting
+        once the new one listens (or just before it binds, when both want the same port) and
+        drains like a removed one, so established connections finish on the settings they
+        started with. A route that cannot start (its port is taken, its target does not
+        resolve) fails alone and loudly; if its old version was still listening it keeps
         serving. Returns the routes that failed, with why; ``self.config`` afterwards describes
         what actually runs, so the next reload retries whatever failed.
         """
@@ -129,17 +204,36 @@ class Server:
             # one (its GeoIP databases, ACL log files) closes once the old streams have drained.
             retired_admission, self.admission = self.admission, AdmissionFactory(config)
         grace = config.grace_period
+        failed: dict[str, Exception] = {}
+        retargeted: list[str] = []
+        for name in plan.retargeted:
+            try:
+                await self._retarget(name, config.routes[name], grace)
+            except (PortwayError, OSError) as exc:
+                failed[name] = exc
+                log.error(
+                    "pool update failed on reload (the previous pool keeps serving)",
+                    extra={**self.streams[name].fields, "action": "reload", "error": str(exc)},
+                )
+                continue
+            retargeted.append(name)
         for name in (*plan.removed, *plan.release_first):
             why = "removed" if name in plan.removed else "replaced"
             await self._retire(self.streams.pop(name), grace, why)
-        failed: dict[str, Exception] = {}
         ready: dict[str, AnyStream] = {}
         for name in plan.to_start:
-            stream = self._build(name, config.routes[name])
+            route = config.routes[name]
+            old_route = running.get(name)
+            pool = self.pools.get(name)
+            if pool is None or old_route is None or pool_settings(old_route) != pool_settings(route):
+                pool = build_pool(name, route)
+            stream = self._build(name, route, pool)
             try:
                 await stream.prepare()
             except (PortwayError, OSError) as exc:
                 await stream.close()
+                if pool is not self.pools.get(name):
+                    pool.stop()
                 failed[name] = exc
                 kept = " (the previous version keeps serving)" if name in self.streams else ""
                 log.error(
@@ -148,21 +242,39 @@ class Server:
                 )
                 continue
             ready[name] = stream
+        for name in plan.removed:
+            self.pools.pop(name, None)
         for name, stream in ready.items():
             await stream.listen_and_serve()
             old = self.streams.get(name)
             self.streams[name] = stream
+            self.pools[name] = stream.pool
             log.info("route started", extra={**stream.fields, "action": "start"})
             if old is not None:
                 await self._retire(old, grace, "replaced")
-        routes = {
-            name: config.routes[name] if name in ready or name in plan.unchanged else running[name]
-            for name in self.streams
-        }
+        done = {*ready, *plan.unchanged, *retargeted}
+        routes = {name: config.routes[name] if name in done else running[name] for name in self.streams}
         self.config = config.model_copy(update={"routes": routes})
         if retired_admission is not None:
             self._close_after_drains(retired_admission)
         return failed
+
+    async def _retarget(self, name: str, route: RouteConfig, grace: float) -> None:
+        """Update a running route's pool in place; drain connections to targets that left."""
+        stream = self.streams[name]
+        fresh = build_pool(name, route)
+        await stream.pool.update(
+            fresh.members, mode=route.load_balance.mode, health=fresh.balancer.health, check=fresh.check
+        )
+        fresh.stop()
+        log.info(
+            "route pool updated",
+            extra={**stream.fields, "action": "reload", "targets": str(stream.pool)},
+        )
+        if stream.detached_live():
+            task = asyncio.get_running_loop().create_task(stream.close_detached(grace))
+            self._closers.add(task)
+            task.add_done_callback(self._closers.discard)
 
     def _close_after_drains(self, admission: AdmissionFactory) -> None:
         """Close a replaced factory once the streams still draining on it are done."""
@@ -179,15 +291,28 @@ class Server:
         self._closers.add(task)
         task.add_done_callback(self._closers.discard)
 
-    def _build(self, name: str, route: RouteConfig) -> AnyStream:
-        """How `apply` builds a stream: must stay in step with `start`."""
-        return build_stream(name, route, reuse_port=self.reuse_port, admission=self.admission)
+    def _build(self, name: str, route: RouteConfig, pool: TargetPool) -> AnyStream:
+        """How `start` and `apply` build a stream."""
+        return build_stream(
+            name,
+            route,
+            reuse_port=self.reuse_port,
+            admission=self.admission,
+            pool=pool,
+            observer=self.observer,
+        )
 
     async def _retire(self, stream: AnyStream, grace: float, why: str) -> None:
         """Stop `stream` accepting now; its live connections drain in the background."""
         task = asyncio.get_running_loop().create_task(stream.drain(grace))
         self._draining[task] = stream
-        task.add_done_callback(lambda t: self._draining.pop(t, None))
+
+        def drained(t: asyncio.Task[None]) -> None:
+            self._draining.pop(t, None)
+            if stream.pool not in self.pools.values():
+                stream.pool.stop()  # no newer stream took it over
+
+        task.add_done_callback(drained)
         # drain() closes the listener before its first await: one turn of the loop and the port
         # is free (a changed route that keeps its port binds right after this returns).
         await asyncio.sleep(0)

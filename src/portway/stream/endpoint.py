@@ -157,3 +157,22 @@ class Endpoint:
                 f"refused: {reason}",
                 extra={**self.fields, "client": client, "action": "limit", "suppressed": suppressed},
             )
+
+    # -- connections to targets a reload removed
+
+    def live(self) -> list[Any]:
+        """Live connections (TCP) or sessions (UDP): objects with `holding` and `shutdown()`."""
+        raise NotImplementedError
+
+    def detached_live(self) -> int:
+        """How many live connections use a target that a reload removed from the pool."""
+        return sum(1 for c in self.live() if c.holding is not None and not c.holding.attached)
+
+    async def close_detached(self, grace: float) -> None:
+        """Give connections to removed targets `grace` seconds, then close them (like a
+        removed route's); connections to targets that stayed are never touched."""
+        await asyncio.sleep(grace)
+        for conn in self.live():
+            holding = conn.holding
+            if holding is not None and not holding.attached:
+                conn.shutdown()

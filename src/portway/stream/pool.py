@@ -130,17 +130,70 @@ class TargetPool:
             self.stop()
             raise
         self._started = True
-        if self.check is not None:
-            for index in range(len(self.members)):
-                self._probes.append(self.loop.create_task(self._probe_forever(index)))
+        self._start_probes()
 
     def stop(self) -> None:
         for resolver in self.resolvers:
             resolver.stop()
+        self._stop_probes()
+        self._started = False
+
+    def _stop_probes(self) -> None:
         for task in self._probes:
             task.cancel()
         self._probes.clear()
-        self._started = False
+
+    def _start_probes(self) -> None:
+        assert self.loop is not None
+        if self.check is not None:
+            for index in range(len(self.members)):
+                self._probes.append(self.loop.create_task(self._probe_forever(index)))
+
+    async def update(
+        self,
+        members: Sequence[PoolMember],
+        *,
+        mode: Mode,
+        health: HealthPolicy | None = None,
+        check: HealthCheck | None = None,
+    ) -> None:
+        """A reload changed the pool: add, remove and re-weight targets in place.
+
+        Targets that stay (same ``host:port``) keep their resolver, health and active count;
+        live connections are untouched (those to a removed target are the caller's to drain).
+        A new name that does not resolve raises ResolveError and changes nothing.
+        """
+        if not members:
+            raise ValueError(f"route {self.route!r}: a pool needs at least one target")
+        kept = {m.key: r for m, r in zip(self.members, self.resolvers, strict=True)}
+        wanted = {m.key for m in members}
+        fresh: list[TargetResolver] = []
+        resolvers: list[TargetResolver] = []
+        try:
+            for member in members:
+                resolver = kept.get(member.key)
+                if resolver is None:
+                    resolver = self._resolver(member)
+                    fresh.append(resolver)
+                    await resolver.start()
+                resolvers.append(resolver)
+        except BaseException:
+            for resolver in fresh:
+                resolver.stop()
+            raise
+        for key, resolver in kept.items():
+            if key not in wanted:
+                resolver.stop()
+        self._stop_probes()
+        self.balancer.update([TargetSpec(m.key, m.weight, m.backup) for m in members], mode)
+        if health is not None:
+            self.balancer.health = health
+        self.members = tuple(members)
+        self.resolvers = resolvers
+        self.check = check
+        self.trivial = len(members) == 1 and check is None
+        self.generation += 1
+        self._start_probes()
 
     # -- the data plane's questions ----------------------------------------------------------
 
@@ -169,11 +222,13 @@ class TargetPool:
     def member_state(self, index: int) -> TargetState:
         return self.balancer.targets[index]
 
-    def acquired(self, index: int) -> None:
-        self.balancer.acquired(index)
+    def acquired(self, index: int) -> TargetState:
+        """A connection now uses target `index`; it releases the returned state (which stays
+        valid when a reload moves or removes the target) when it ends."""
+        return self.balancer.acquired(index)
 
-    def released(self, index: int) -> None:
-        self.balancer.released(index)
+    def released(self, state: TargetState) -> None:
+        self.balancer.released(state)
 
     def dial_failed(self, index: int) -> None:
         """A dial to target `index` failed (refused, unreachable, timed out): re-resolve soon,

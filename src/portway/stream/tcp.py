@@ -43,6 +43,7 @@ from portway.stream.tcp_splice import SpliceConn
 
 if TYPE_CHECKING:
     from portway.admission import AccessControl, ProxyProtocolPolicy
+    from portway.balance import TargetState
     from portway.limits import ClientLimits
     from portway.stream.pool import TargetPool
 
@@ -150,7 +151,7 @@ class _Client(asyncio.Protocol):
         #: The pool member dialed (-1: none yet); whether it counts this connection as active;
         #: whether the client holds a place in the per-client limits.
         self.member = -1
-        self.holding = False
+        self.holding: TargetState | None = None
         self.counted = False
         #: Why the connection ended, for the observer (set where the reason is known).
         self.reason: CloseReason = "normal"
@@ -223,9 +224,9 @@ class _Client(asyncio.Protocol):
         if self.counted:
             self.counted = False
             stream.release_client(self.client[0])
-        if self.holding:
-            self.holding = False
-            stream.pool.released(self.member)
+        if self.holding is not None:
+            stream.pool.released(self.holding)
+            self.holding = None
         stream.conns.discard(self)
         if stream._drained is not None and not stream.conns:
             stream._drained.set()
@@ -361,7 +362,7 @@ class _Client(asyncio.Protocol):
                 route=stream.name,
                 protocol="tcp",
                 client=self.client,
-                target=stream.pool.key(self.member) if self.member >= 0 else None,
+                target=self.holding.spec.key if self.holding is not None else None,
                 started=self.started,
                 duration=max(0.0, time.time() - self.started),
                 bytes_client_to_target=self.up,
@@ -686,6 +687,9 @@ class TCPStream(Endpoint):
         if self.idle_timeout > 0:
             self._sweeper = self.loop.create_task(self._sweep_idle())
 
+    def live(self) -> list[Any]:
+        return list(self.conns)
+
     def uses_splice_engine(self) -> bool:
         """Whether connections run on the raw-socket engine (decided when serving starts)."""
         if self.on_read is not None or self.engine == "transport":
@@ -758,8 +762,7 @@ class TCPStream(Endpoint):
                                 raise
                             continue
                         pool.dial_succeeded(index, addr if position else None)
-                        pool.acquired(index)
-                        conn.holding = True
+                        conn.holding = pool.acquired(index)
                         if observer is not None:
                             observer.dialed(self.name, pool.key(index), self.loop.time() - started)
                         return transport

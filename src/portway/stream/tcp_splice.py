@@ -40,6 +40,7 @@ from portway.stream.base import Address, addr_str
 from portway.stream.splice import CopyPump, SplicePump
 
 if TYPE_CHECKING:
+    from portway.balance import TargetState
     from portway.stream.resolve import SockAddr
     from portway.stream.tcp import TCPStream
 
@@ -104,8 +105,8 @@ class SpliceConn:
         self.tried: list[int] | None = None
         #: Holds a place in the target's active count / the per-client limit until closed.
         self.counted = False
-        #: Counts in the pool's active connections of `target` (leastconn reads it) until closed.
-        self.holding = False
+        #: The target's state while this connection counts as one of its active ones.
+        self.holding: TargetState | None = None
         #: Why the connection ended, for the observer (set where the reason is known).
         self.reason: CloseReason = "normal"
         self.started = 0.0
@@ -346,8 +347,7 @@ class SpliceConn:
         index = self.target
         # Not the first address: dial this one first next time.
         pool.dial_succeeded(index, self.target_addr if self.addr_index > 1 else None)
-        pool.acquired(index)
-        self.holding = True
+        self.holding = pool.acquired(index)
         observer = stream.observer
         if observer is not None:
             observer.dialed(stream.name, pool.key(index), stream.loop.time() - self.dialed_at)
@@ -493,9 +493,9 @@ class SpliceConn:
         if self.counted:
             self.counted = False
             stream.release_client(self.client[0])
-        if self.holding:
-            self.holding = False
-            stream.pool.released(self.target)
+        if self.holding is not None:
+            stream.pool.released(self.holding)
+            self.holding = None
         if pump is not None:
             pump.close()  # removes its own readers and writers; a no-op if it already finished
             self.pump = None
@@ -519,7 +519,7 @@ class SpliceConn:
                 route=stream.name,
                 protocol="tcp",
                 client=self.client,
-                target=stream.pool.key(self.target) if self.target >= 0 else None,
+                target=self.holding.spec.key if self.holding is not None else None,
                 started=self.started,
                 duration=max(0.0, time.time() - self.started),
                 bytes_client_to_target=up,

@@ -25,6 +25,7 @@ from portway.stream.sessions import SessionTable
 
 if TYPE_CHECKING:
     from portway.admission import AccessControl
+    from portway.balance import TargetState
     from portway.limits import ClientLimits
     from portway.stream.pool import TargetPool
 
@@ -85,7 +86,7 @@ class _Session(asyncio.DatagramProtocol):
         #: generation when it was picked: a different generation means "check it is still up".
         self.member = -1
         self.generation = stream.pool.generation
-        self.holding = False
+        self.holding: TargetState | None = None
         self.counted = False
         #: Set by ICMP unreachable from the target: the next datagram moves the session.
         self.unreachable = False
@@ -112,9 +113,10 @@ class _Session(asyncio.DatagramProtocol):
                 queue.append(data)
                 self.queued += len(data)
             return
-        if self.unreachable or self.generation != self.stream.pool.generation:
-            if self.stream.maybe_move(self, data):
-                return
+        if (self.unreachable or self.generation != self.stream.pool.generation) and self.stream.maybe_move(
+            self, data
+        ):
+            return
         transport = self.transport
         if (
             transport is not None
@@ -156,6 +158,10 @@ class _Session(asyncio.DatagramProtocol):
         self.stream.sessions.remove(self.client, self)
         self.transport = None
 
+    def shutdown(self) -> None:
+        self.stream.sessions.remove(self.client, self)
+        self.close("shutdown")
+
     def close(self, reason: CloseReason = "shutdown") -> None:
         self.queue = None
         stream = self.stream
@@ -166,9 +172,9 @@ class _Session(asyncio.DatagramProtocol):
             if self.counted:
                 self.counted = False
                 stream.release_client(self.client[0])
-        if self.holding:
-            self.holding = False
-            stream.pool.released(self.member)
+        if self.holding is not None:
+            stream.pool.released(self.holding)
+            self.holding = None
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.close()
@@ -388,6 +394,9 @@ class UDPStream(Endpoint):
             session.close("shutdown")
         await asyncio.sleep(0)  # let the transports' close callbacks run before we return
 
+    def live(self) -> list[Any]:
+        return list(self.sessions)
+
     async def drain(self, timeout: float) -> None:
         """UDP has no connections to wait for: sessions just end with the listener."""
         await self.close()
@@ -503,7 +512,7 @@ class UDPStream(Endpoint):
                 route=self.name,
                 protocol="udp",
                 client=(session.client[0], session.client[1]),
-                target=self.pool.key(session.member) if session.member >= 0 else None,
+                target=session.holding.spec.key if session.holding is not None else None,
                 started=session.started,
                 duration=max(0.0, time.time() - session.started),
                 bytes_client_to_target=session.bytes_up,
@@ -575,8 +584,7 @@ class UDPStream(Endpoint):
                 self.observer.datagram_dropped(self.name, "no_target")
             session.close("dial_refused" if last is not None else "no_target")
             return
-        pool.acquired(session.member)
-        session.holding = True
+        session.holding = pool.acquired(session.member)
         if session.queue is None:  # the stream closed while we were setting up
             session.close()
             return
