@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from portway.access import AccessControl
 from portway.acl import Acl, DenyLog
-from portway.admission import AccessControl
 from portway.config.load import load_config_text
 from portway.errors import ConfigError
 from portway.geoip import GeoIpDatabase

@@ -8,7 +8,7 @@ from typing import Literal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from portway.admission import HEADER_LIMIT, HeaderDone, HeaderReader, HeaderRefused, ProxyProtocolPolicy
+from portway.proxy_header import HEADER_LIMIT, HeaderDone, HeaderReader, HeaderRefused, ProxyProtocolPolicy
 from portway.proxy_protocol import build_v1, build_v2
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from portway.access import AccessControl
 from portway.acl import Acl
-from portway.admission import AccessControl, ProxyProtocolPolicy
+from portway.proxy_header import ProxyProtocolPolicy
 from portway.stream import TCPStream
 
 HAPROXY = shutil.which("haproxy")

@@ -20,8 +20,9 @@ from typing import Literal
 
 import pytest
 
+from portway.access import AccessControl
 from portway.acl import Acl
-from portway.admission import AccessControl, ProxyProtocolPolicy
+from portway.proxy_header import ProxyProtocolPolicy
 from portway.proxy_protocol import build_v1, build_v2, maybe_parse_header
 from portway.stream import TCPStream, tcp_splice
 from tests.targets import TCPEchoTarget

@@ -1,10 +1,11 @@
 """Who may use a listener, and who the client really is: the glue between config and streams.
 
-The pure parts live elsewhere (`portway.acl` decides, `portway.proxy_protocol` parses); this
-module turns the validated config into the few objects a stream consults once per connection
-or UDP session:
+The pure parts live elsewhere (`portway.acl` decides, `portway.proxy_protocol` parses,
+`portway.proxy_header` runs the header phase); this module turns the validated config into the
+few objects a stream consults once per connection or UDP session, and is the only one of them
+that imports the config schema and GeoIP, which the data plane never does:
 
-- `ProxyProtocolPolicy`: whether a listener expects PROXY headers, from whom (trusted_proxies)
+- `policy_from_config`: whether a listener expects PROXY headers, from whom (trusted_proxies)
   and for how long it waits. ``mode: disabled`` is represented by no policy at all, so a stream
   without one never looks at a header.
 - `AccessControl`: an `Acl` plus its logging. Denials are aggregated per address through a
@@ -17,236 +18,28 @@ or UDP session:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import logging
 import sys
-from dataclasses import dataclass
-from typing import Literal
 
-from portway.acl import Acl, DenyLog
+from portway.access import AccessControl
+from portway.acl import Acl
 from portway.config.schema import AclConfig, Config, ProxyProtocolConfig, RouteConfig
-from portway.errors import ConfigError, ProxyProtocolError
+from portway.errors import ConfigError
 from portway.geoip import GeoIpDatabase
 from portway.logs import ConsoleFormatter
-from portway.proxy_protocol import ProxyHeader, build_v1, build_v2, classify_prefix, maybe_parse_header
+from portway.proxy_header import ProxyProtocolPolicy, unmap_net
 
-__all__ = [
-    "AccessControl",
-    "AdmissionFactory",
-    "HeaderDone",
-    "HeaderReader",
-    "HeaderRefused",
-    "ProxyProtocolPolicy",
-    "relay_header",
-]
-
-Address = tuple[str, int]
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-#: Seconds between summaries of repeated denials (and the window they aggregate over).
-DENY_LOG_INTERVAL = 10.0
+__all__ = ["AccessControl", "AdmissionFactory", "policy_from_config"]  # AccessControl: re-exported
 
 
-@dataclass(frozen=True, slots=True)
-class ProxyProtocolPolicy:
-    """Receiving the PROXY protocol on one TCP listener (never built for ``mode: disabled``)."""
-
-    mode: Literal["required", "mixed"]
-    trusted: tuple[IPNetwork, ...]
-    header_timeout: float
-
-    @classmethod
-    def from_config(cls, config: ProxyProtocolConfig | None) -> ProxyProtocolPolicy | None:
-        if config is None or config.mode == "disabled":
-            return None
-        trusted = tuple(_unmap_net(ipaddress.ip_network(n, strict=False)) for n in config.trusted_proxies)
-        return cls(config.mode, trusted, config.header_timeout)
-
-    def first_step(self, host: str) -> Literal["read", "skip", "refuse"]:
-        """What a new connection from `host` does first: read a header (a trusted proxy), skip
-        it (mixed mode: an untrusted peer is served as itself, its bytes never inspected), or be
-        refused (required mode, untrusted peer)."""
-        if self.trusts(host):
-            return "read"
-        return "refuse" if self.mode == "required" else "skip"
-
-    def trusts(self, host: str) -> bool:
-        """Whether a peer at `host` may tell us who the client is."""
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped  # dual-stack listeners report IPv4 peers as ::ffff:a.b.c.d
-        return any(ip in net for net in self.trusted)
-
-
-UNTRUSTED = "peer is not a trusted proxy (PROXY protocol required)"
-#: A v2 header is at most 16 + 65535 bytes and v1 far shorter: reading stops there, so a trusted
-#: but broken peer cannot make a connection hold more.
-HEADER_LIMIT = 16 + 65535
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderDone:
-    """The header phase is over: `header` is None when a mixed-mode client sent none; `rest` are
-    the bytes after the header, to be forwarded to the target before anything else."""
-
-    header: ProxyHeader | None
-    rest: bytes
-
-    def addresses(self, client: Address, local: Address | None) -> tuple[Address, Address | None]:
-        """The client and the address it connected to, as a believed header tells them; a LOCAL
-        or UNKNOWN header (the proxy speaking for itself, e.g. health checks) or none at all
-        leaves the socket's own."""
-        parsed = self.header
-        if parsed is None or parsed.source is None:
-            return client, local
-        return parsed.source, parsed.destination if parsed.destination is not None else local
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderRefused:
-    reason: str
-
-
-HeaderOutcome = HeaderDone | HeaderRefused
-
-
-class HeaderReader:
-    """The start of a trusted peer's connection, until its PROXY header is complete. Sans-I/O.
-
-    Both TCP engines feed it what they read and act on the outcome; it decides, in one place,
-    what counts as a header, as plain data (mixed mode), or as a reason to close.
-    """
-
-    __slots__ = ("buffer", "mixed", "timeout")
-
-    def __init__(self, policy: ProxyProtocolPolicy) -> None:
-        self.mixed = policy.mode == "mixed"
-        self.timeout = policy.header_timeout
-        self.buffer = bytearray()
-
-    def room(self) -> int:
-        """How many more bytes may be read before the header is too long."""
-        return HEADER_LIMIT + 1 - len(self.buffer)
-
-    def feed(self, data: bytes) -> HeaderOutcome | None:
-        """Add bytes; None means "need more"."""
-        buffer = self.buffer
-        buffer += data
-        if self._plain(final=False):
-            return HeaderDone(None, bytes(buffer))
-        try:
-            parsed = maybe_parse_header(buffer)
-        except ProxyProtocolError as exc:
-            return HeaderRefused(str(exc))
-        if parsed is not None:
-            return HeaderDone(parsed, bytes(buffer[parsed.length :]))
-        if len(buffer) > HEADER_LIMIT:
-            return HeaderRefused(f"PROXY header longer than {HEADER_LIMIT} bytes")
+def policy_from_config(config: ProxyProtocolConfig | None) -> ProxyProtocolPolicy | None:
+    """The receiving policy a config block describes; ``mode: disabled`` is no policy at all."""
+    if config is None or config.mode == "disabled":
         return None
-
-    def end_of_stream(self) -> HeaderOutcome:
-        """The peer stopped sending before the header was complete."""
-        if self.buffer and self._plain(final=True):
-            return HeaderDone(None, bytes(self.buffer))
-        return HeaderRefused("connection ended before the PROXY header did")
-
-    def expired(self) -> HeaderOutcome:
-        """`header_timeout` passed before the header was complete."""
-        if self.buffer and self._plain(final=True):
-            return HeaderDone(None, bytes(self.buffer))
-        return HeaderRefused(
-            f"no complete PROXY header within {self.timeout:g}s ({len(self.buffer)} bytes received)"
-        )
-
-    def _plain(self, *, final: bool) -> bool:
-        """Mixed mode only: do these first bytes belong to a client that sent no header?
-        `final` (EOF or timeout): a short prefix that could still have become a header is data."""
-        if not self.mixed:
-            return False
-        starts = classify_prefix(self.buffer)
-        return starts is False or (final and starts is None)
-
-
-def relay_header(version: int, source: Address | None, destination: Address | None) -> bytes:
-    """The PROXY header (v1 or v2) that tells a target who the client is."""
-    try:
-        if version == 1:
-            return build_v1(source, destination)
-        return build_v2(source, destination)
-    except ValueError:
-        # An address the header cannot carry (e.g. with a zone index): say "unknown" rather than
-        # fail the connection; the target then uses our own address.
-        return build_v1(None, None) if version == 1 else build_v2(None, None)
-
-
-def _unmap_net(net: IPNetwork) -> IPNetwork:
-    mapped = ipaddress.IPv6Network("::ffff:0:0/96")
-    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(mapped):
-        return ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
-    return net
-
-
-class AccessControl:
-    """An ACL as streams use it: `admit` decides for a client address and logs the outcome.
-
-    Streams call `attach` when they start serving and `detach` when they stop; the first attach
-    starts the task that flushes denial summaries, the last detach stops it and flushes the rest.
-    """
-
-    def __init__(self, acl: Acl, logger: logging.Logger, *, log_allowed: bool = False) -> None:
-        self.acl = acl
-        self.log = logger
-        self.log_allowed = log_allowed
-        self.denials = DenyLog(DENY_LOG_INTERVAL)
-        self._users = 0
-        self._drainer: asyncio.Task[None] | None = None
-
-    def admit(self, host: str, route: str) -> bool:
-        """Whether `host` may connect to `route`; a lookup error (corrupt GeoIP data) denies."""
-        try:
-            decision = self.acl.decide(host)
-        except Exception as exc:
-            allowed, reason = False, f"ACL error: {exc!r}"
-        else:
-            allowed, reason = decision.allowed, decision.reason
-        if allowed:
-            if self.log_allowed and self.log.isEnabledFor(logging.INFO):
-                self.log.info(
-                    f"allowed {host} ({reason})", extra={"route": route, "action": "allow", "client": host}
-                )
-            return True
-        line = self.denials.record(host, reason)
-        if line is not None:
-            self.log.info(line, extra={"route": route, "action": "deny", "client": host})
-        return False
-
-    def attach(self) -> None:
-        self._users += 1
-        if self._drainer is None:
-            self._drainer = asyncio.get_running_loop().create_task(self._drain_periodically())
-
-    def detach(self) -> None:
-        self._users -= 1
-        if self._users <= 0 and self._drainer is not None:
-            self._users = 0
-            self._drainer.cancel()
-            self._drainer = None
-            self._flush(force=True)
-
-    async def _drain_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(self.denials.interval)
-            self._flush()
-
-    def _flush(self, *, force: bool = False) -> None:
-        for line in self.denials.drain(force=force):
-            self.log.info(line, extra={"action": "deny"})
+    trusted = tuple(unmap_net(ipaddress.ip_network(n, strict=False)) for n in config.trusted_proxies)
+    return ProxyProtocolPolicy(config.mode, trusted, config.header_timeout)
 
 
 class AdmissionFactory:
@@ -283,10 +76,10 @@ class AdmissionFactory:
     def proxy_protocol(self, route: RouteConfig) -> ProxyProtocolPolicy | None:
         """The route's PROXY protocol receiving policy, else the entrypoint's (TCP only)."""
         if route.proxy_protocol is not None:
-            return ProxyProtocolPolicy.from_config(route.proxy_protocol)
+            return policy_from_config(route.proxy_protocol)
         if self.config is None:
             return None
-        return ProxyProtocolPolicy.from_config(self.config.entrypoint.proxy_protocol)
+        return policy_from_config(self.config.entrypoint.proxy_protocol)
 
     def _build(self, config: AclConfig, label: str) -> AccessControl:
         geo = None

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
-import maxminddb
-
 from portway.errors import ConfigError
 
 __all__ = ["GeoInfo", "GeoIpDatabase", "GeoLookup"]
@@ -50,6 +48,9 @@ class GeoIpDatabase:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
+        # Imported here: only a config with country:/tz: rules pays for the reader at all.
+        import maxminddb
+
         try:
             self._reader = maxminddb.open_database(self.path)
         except FileNotFoundError:

@@ -24,7 +24,9 @@ import time
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from portway.addr import Network
-from portway.admission import (
+from portway.events import CloseReason, ConnectionRecord, Observer
+from portway.logs import BurstLog
+from portway.proxy_header import (
     UNTRUSTED,
     HeaderDone,
     HeaderOutcome,
@@ -32,8 +34,6 @@ from portway.admission import (
     HeaderRefused,
     relay_header,
 )
-from portway.events import CloseReason, ConnectionRecord, Observer
-from portway.logs import BurstLog
 from portway.stream import splice
 from portway.stream.accept import Listener, serve_tcp, serve_tcp_sockets
 from portway.stream.base import Address, Direction, Hook, addr_str
@@ -42,9 +42,10 @@ from portway.stream.resolve import SockAddr
 from portway.stream.tcp_splice import SpliceConn
 
 if TYPE_CHECKING:
-    from portway.admission import AccessControl, ProxyProtocolPolicy
+    from portway.access import AccessControl
     from portway.balance import TargetState
     from portway.limits import ClientLimits
+    from portway.proxy_header import ProxyProtocolPolicy
     from portway.stream.pool import TargetPool
 
 log = logging.getLogger("portway.tcp")
@@ -227,9 +228,7 @@ class _Client(asyncio.Protocol):
         if self.holding is not None:
             stream.pool.released(self.holding)
             self.holding = None
-        stream.conns.discard(self)
-        if stream._drained is not None and not stream.conns:
-            stream._drained.set()
+        stream.forget(self)
         if self.dial_task is not None and not self.dial_task.done():
             self.dial_task.cancel()
         self.closed = True
@@ -779,6 +778,13 @@ class TCPStream(Endpoint):
     async def _connect(self, addr: SockAddr, protocol: _Target) -> tuple[asyncio.Transport, Any]:
         family, (host, port) = addr
         return await self.loop.create_connection(lambda: protocol, host, port, family=family)
+
+    def forget(self, conn: _Client | SpliceConn) -> None:
+        """A connection ended: it no longer counts as live (and a drain may be over)."""
+        conns = self.conns
+        conns.discard(conn)
+        if self._drained is not None and not conns:
+            self._drained.set()
 
     def dial_failed(self, client: Address, exc: BaseException) -> None:
         reason = (

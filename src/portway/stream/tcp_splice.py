@@ -32,19 +32,59 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from portway.admission import UNTRUSTED, HeaderOutcome, HeaderReader, HeaderRefused, relay_header
 from portway.events import CloseReason, ConnectionRecord
+from portway.proxy_header import UNTRUSTED, HeaderOutcome, HeaderReader, HeaderRefused, relay_header
 from portway.stream.base import Address, addr_str
 from portway.stream.splice import CopyPump, SplicePump
 
 if TYPE_CHECKING:
+    from portway.access import AccessControl
     from portway.balance import TargetState
+    from portway.events import Observer
+    from portway.proxy_header import ProxyProtocolPolicy
+    from portway.stream.base import Hook, HookContext
+    from portway.stream.pool import TargetPool
     from portway.stream.resolve import SockAddr
-    from portway.stream.tcp import TCPStream
+    from portway.stream.splice import PipePool
 
-__all__ = ["SpliceConn"]
+
+class TCPRoute(Protocol):
+    """What a connection needs from the listener that accepted it (`TCPStream` is the one).
+
+    A protocol rather than an import of `TCPStream`: the stream module builds these
+    connections, so the dependency runs one way only.
+    """
+
+    name: str
+    loop: asyncio.AbstractEventLoop
+    fields: dict[str, str]
+    pool: TargetPool
+    observer: Observer | None
+    access: AccessControl | None
+    proxy_protocol: ProxyProtocolPolicy | None
+    relay_version: int
+    connect_timeout: float
+    pipe_pool: PipePool | None
+    log_conns: bool
+    limited: bool
+    pre_dial: Hook | None
+
+    @property
+    def conns(self) -> set[Any]: ...
+    def hook_context(self, client: Any) -> HookContext: ...
+    def log_accepted(self, client: str) -> None: ...
+    def over_limit(self, live: int, client: str) -> str | None: ...
+    def log_limited(self, client: str, reason: str) -> None: ...
+    def release_client(self, client: str) -> None: ...
+    def refused(self, peer: Address, reason: str) -> None: ...
+    def dial_failed(self, client: Address, exc: BaseException) -> None: ...
+    def log_closed(self, client: Address, up: int, down: int, exc: BaseException | None) -> None: ...
+    def forget(self, conn: Any) -> None: ...
+
+
+__all__ = ["SpliceConn", "TCPRoute"]
 
 log = logging.getLogger("portway.tcp")
 
@@ -91,7 +131,7 @@ class SpliceConn:
         "tried",
     )
 
-    def __init__(self, stream: TCPStream, sock: socket.SocketType, peer: tuple[Any, ...]) -> None:
+    def __init__(self, stream: TCPRoute, sock: socket.SocketType, peer: tuple[Any, ...]) -> None:
         self.stream = stream
         self.client_sock = sock
         self.client: Address = (peer[0], peer[1])
@@ -505,10 +545,7 @@ class SpliceConn:
         self.client_sock.close()
         if target is not None:
             target.close()
-        conns = stream.conns
-        conns.discard(self)
-        if stream._drained is not None and not conns:
-            stream._drained.set()
+        stream.forget(self)
 
     def _report(self, pump: SplicePump | CopyPump | None) -> None:
         stream = self.stream

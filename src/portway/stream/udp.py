@@ -24,7 +24,7 @@ from portway.stream.endpoint import Endpoint
 from portway.stream.sessions import SessionTable
 
 if TYPE_CHECKING:
-    from portway.admission import AccessControl
+    from portway.access import AccessControl
     from portway.balance import TargetState
     from portway.limits import ClientLimits
     from portway.stream.pool import TargetPool
