@@ -22,7 +22,9 @@ from hypothesis import strategies as st
 from portway.probe import (
     REPLY_LIMIT,
     compile_expect_regex,
+    first_probe_in,
     format_escapes,
+    next_probe_in,
     parse_escapes,
     probe_tcp,
     probe_udp,
@@ -85,6 +87,20 @@ def test_expect_regex_compiles_to_bytes() -> None:
     assert compile_expect_regex(r"^\+PONG\r\n").match(b"+PONG\r\n")
     with pytest.raises(ValueError, match="bad regular expression '\\('"):
         compile_expect_regex("(")
+
+
+# -- schedule --------------------------------------------------------------------------------------------
+
+
+@given(st.floats(0.1, 3600), st.floats(0, 1, exclude_max=True))
+def test_probe_schedule_stays_near_the_interval(interval: float, u: float) -> None:
+    assert 0 <= first_probe_in(interval, u) < interval
+    assert 0.9 * interval <= next_probe_in(interval, u) < 1.1 * interval
+
+
+def test_probe_schedule_mean_is_the_interval() -> None:
+    steps = [next_probe_in(5.0, k / 1000) for k in range(1000)]
+    assert abs(sum(steps) / len(steps) - 5.0) < 0.001
 
 
 # -- TCP ----------------------------------------------------------------------------------------------

@@ -36,7 +36,9 @@ __all__ = [
     "REPLY_LIMIT",
     "Expect",
     "compile_expect_regex",
+    "first_probe_in",
     "format_escapes",
+    "next_probe_in",
     "parse_escapes",
     "probe_tcp",
     "probe_udp",
@@ -114,6 +116,24 @@ def compile_expect_regex(text: str) -> re.Pattern[bytes]:
         return re.compile(text.encode())
     except re.error as exc:
         raise ValueError(f"bad regular expression {text!r}: {exc}") from None
+
+
+def first_probe_in(interval: float, u: float) -> float:
+    """Seconds until a target's first probe, for `u` uniform in [0, 1): a random phase in the interval.
+
+    Starting every target's checks at once (at startup or after a reload) would send a burst of
+    probes each interval, to the targets and through the prober's own event loop.
+    """
+    return interval * u
+
+
+def next_probe_in(interval: float, u: float, spread: float = 0.2) -> float:
+    """Seconds until the next probe: `interval` within +-spread/2, for `u` uniform in [0, 1).
+
+    The jitter keeps phases from drifting back into step (probes that take their timeout would
+    otherwise all slip by the same amount); the mean stays exactly `interval`.
+    """
+    return interval * (1.0 + spread * (u - 0.5))
 
 
 def _describe(exc: OSError) -> str:
