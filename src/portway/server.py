@@ -14,6 +14,7 @@ import socket
 from portway.addr import family_of, format_hostport, is_udp
 from portway.admission import AdmissionFactory
 from portway.balance import HealthPolicy
+from portway.config.links import fold_links
 from portway.config.schema import Config, RouteConfig
 from portway.errors import PortwayError
 from portway.events import Observer
@@ -141,6 +142,7 @@ class Server:
 
     async def start(self) -> None:
         """Resolve and bind every route, then serve them all; on any failure, nothing is left running."""
+        self.config = fold(self.config)
         pools = {name: build_pool(name, r) for name, r in self.config.routes.items()}
         streams = {name: self._build(name, r, pools[name]) for name, r in self.config.routes.items()}
         try:
@@ -195,6 +197,7 @@ class Server:
         serving. Returns the routes that failed, with why; ``self.config`` afterwards describes
         what actually runs, so the next reload retries whatever failed.
         """
+        config = fold(config)
         running = {name: self.config.routes[name] for name in self.streams}
         shared_changed = shared_settings_changed(self.config, config)
         plan = plan_reload(running, config.routes, replace_all=shared_changed)
@@ -320,6 +323,23 @@ class Server:
             f"route {why}, draining",
             extra={**stream.fields, "action": "drain", "grace_s": grace, "live": _live(stream)},
         )
+
+
+def fold(config: Config) -> Config:
+    """`config` with every ``load_balance.link`` group folded into one pool route.
+
+    Files are checked for link problems when they load (a ConfigError); routes from providers
+    (Docker containers joining a link) can still disagree, and those members are skipped loudly.
+    """
+    if not any(r.load_balance.link for r in config.routes.values()):
+        return config
+    folded = fold_links(config.routes)
+    for problem in folded.problems:
+        log.error(
+            f"route {problem.route!r} {problem.message}",
+            extra={"route": problem.route, "field": problem.field, "action": "link"},
+        )
+    return config.model_copy(update={"routes": folded.routes})
 
 
 async def _finish_draining(draining: dict[asyncio.Task[None], AnyStream], grace: float) -> None:

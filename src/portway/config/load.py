@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from portway.config.links import fold_links
 from portway.config.schema import Config, listeners_overlap
 from portway.config.yamlload import Document, Mark, load_yaml
 from portway.errors import ConfigError
@@ -54,7 +55,26 @@ def validate_config(data: dict[str, Any], doc: Document) -> Config:
     except ValidationError as exc:
         raise _first_error(exc, doc) from None
     check_listen_conflicts(config, doc)
+    check_links(config, doc)
     return config
+
+
+def check_links(config: Config, doc: Document | None = None) -> None:
+    """Routes joined by ``load_balance.link`` must agree on their listener and mode."""
+    folded = fold_links(config.routes)
+    if folded.problems:
+        problem = folded.problems[0]
+        mark = doc.mark_of(("routes", problem.route, *problem.field.split("."))) if doc else None
+        if mark is None and doc is not None:
+            mark = doc.mark_of(("routes", problem.route))
+        raise ConfigError(
+            problem.message.removesuffix("; skipped"),
+            file=doc.source if doc else None,
+            route=problem.route,
+            field=problem.field,
+            line=mark.line if mark else None,
+            column=mark.column if mark else None,
+        )
 
 
 def check_listen_conflicts(config: Config, doc: Document | None = None) -> None:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from portway.addr import ip_family, parse_port_number
 from portway.config.durations import parse_duration
+from portway.probe import compile_expect_regex, parse_escapes
 
 __all__ = [
     "MODES",
@@ -23,7 +24,6 @@ __all__ = [
     "LoadBalanceConfig",
     "PerClientConfig",
     "TargetConfig",
-    "parse_escapes",
     "parse_rate",
     "parse_target",
 ]
@@ -139,40 +139,6 @@ class LoadBalanceConfig(_Model):
         return mode
 
 
-_ESCAPES = {"r": "\r", "n": "\n", "t": "\t", "\\": "\\", "0": "\0", '"': '"', "'": "'"}
-
-
-def parse_escapes(text: str) -> bytes:
-    r"""``send``/``expect`` text to bytes: ``\r \n \t \0 \\ \xHH``; anything else is an error.
-
-    Values are read exactly as written (YAML escapes are not applied to plain scalars), so the
-    escapes are ours and documented; non-ASCII text is sent as UTF-8.
-    """
-    out = bytearray()
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch != "\\":
-            out += ch.encode()
-            i += 1
-            continue
-        if i + 1 >= len(text):
-            raise ValueError("a trailing backslash escapes nothing (write \\\\ for a backslash)")
-        code = text[i + 1]
-        if code == "x":
-            digits = text[i + 2 : i + 4]
-            if len(digits) != 2 or not all(c in "0123456789abcdefABCDEF" for c in digits):
-                raise ValueError(f"bad escape \\x{digits!s}: \\x takes two hex digits")
-            out.append(int(digits, 16))
-            i += 4
-            continue
-        if code not in _ESCAPES:
-            raise ValueError(f"unknown escape \\{code} (known: \\r \\n \\t \\0 \\\\ \\xHH)")
-        out += _ESCAPES[code].encode()
-        i += 2
-    return bytes(out)
-
-
 class HealthCheckConfig(_Model):
     """Active checks (HAProxy's ``check``): only for routes that have this block."""
 
@@ -183,7 +149,7 @@ class HealthCheckConfig(_Model):
     timeout: PositiveDuration = 2.0
     rise: int = Field(default=2, ge=1, le=100)
     fall: int = Field(default=3, ge=1, le=100)
-    #: TCP: bytes written after connect; UDP: the probe datagram. Escapes as in parse_escapes.
+    #: TCP: bytes written after connect; UDP: the probe datagram. Escapes: see probe.parse_escapes.
     send: str | None = None
     #: The reply must start with these bytes.
     expect: str | None = None
@@ -201,10 +167,7 @@ class HealthCheckConfig(_Model):
     @classmethod
     def _regex(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                re.compile(value.encode())
-            except re.error as exc:
-                raise ValueError(f"not a regular expression: {exc}") from None
+            compile_expect_regex(value)
         return value
 
     @model_validator(mode="after")
@@ -220,7 +183,7 @@ class HealthCheckConfig(_Model):
 
     def expectation(self) -> bytes | re.Pattern[bytes] | None:
         if self.expect_regex is not None:
-            return re.compile(self.expect_regex.encode())
+            return compile_expect_regex(self.expect_regex)
         return parse_escapes(self.expect) if self.expect is not None else None
 
 

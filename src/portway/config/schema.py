@@ -320,6 +320,9 @@ def listeners_overlap(a: RouteConfig, b: RouteConfig) -> bool:
     pb, hb, portb = listen_key(b)
     if pa != pb or porta != portb or porta == 0:
         return False
+    link = a.load_balance.link
+    if link is not None and link == b.load_balance.link:
+        return False  # members of one link pool share its listener (config/links.py)
     return _covers(a, ha, hb) or _covers(b, hb, ha)
 
 

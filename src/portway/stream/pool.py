@@ -28,15 +28,12 @@ from dataclasses import dataclass
 from portway.addr import format_hostport
 from portway.balance import Balancer, HealthPolicy, Mode, TargetSpec, TargetState, Transition
 from portway.logs import BurstLog
-from portway.probe import probe_tcp, probe_udp
+from portway.probe import first_probe_in, next_probe_in, probe_tcp, probe_udp
 from portway.stream.resolve import SockAddr, TargetResolver
 
 __all__ = ["HealthCheck", "PoolMember", "TargetPool"]
 
 log = logging.getLogger("portway.pool")
-
-#: Probes are spread over +-10 % of the interval so that many targets' checks never line up.
-_JITTER = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,9 +182,7 @@ class TargetPool:
             if key not in wanted:
                 resolver.stop()
         self._stop_probes()
-        self.balancer.update([TargetSpec(m.key, m.weight, m.backup) for m in members], mode)
-        if health is not None:
-            self.balancer.health = health
+        self.balancer.update([TargetSpec(m.key, m.weight, m.backup) for m in members], mode, health)
         self.members = tuple(members)
         self.resolvers = resolvers
         self.check = check
@@ -273,12 +268,13 @@ class TargetPool:
         check = self.check
         assert check is not None and self.loop is not None
         loop = self.loop
-        # The first probe of each target lands anywhere in the first interval.
-        await asyncio.sleep(random.uniform(0, check.interval))
+        # The first probe of each target lands anywhere in the first interval, the next ones
+        # +-10 % around it, so the probes of many targets never line up.
+        await asyncio.sleep(first_probe_in(check.interval, random.random()))
         while True:
             ok, reason = await self._probe_once(index, check)
             self._transition(self.balancer.probe_result(index, ok, loop.time(), reason))
-            await asyncio.sleep(check.interval * random.uniform(1 - _JITTER, 1 + _JITTER))
+            await asyncio.sleep(next_probe_in(check.interval, random.random()))
 
     async def _probe_once(self, index: int, check: HealthCheck) -> tuple[bool, str]:
         addresses = self.addresses(index)
