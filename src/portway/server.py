@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Mapping, Sequence
 
 from portway.addr import family_of, format_hostport, is_udp
 from portway.admission import AdmissionFactory
 from portway.balance import HealthPolicy
 from portway.config.links import fold_links
-from portway.config.schema import Config, RouteConfig
+from portway.config.schema import Config, RouteConfig, listen_key, listeners_overlap
 from portway.errors import PortwayError
 from portway.events import Observer
 from portway.limits import ClientLimits
@@ -220,9 +221,17 @@ class Server:
                 )
                 continue
             retargeted.append(name)
+        handover = _udp_handovers(plan.to_start, (*plan.removed, *plan.changed), running, config.routes)
+        handed = {old: new for new, old in handover.items()}
+        starting = [config.routes[n] for n in plan.to_start]
         for name in (*plan.removed, *plan.release_first):
+            if name in handed:
+                continue  # its socket goes to a new stream below; it serves on meanwhile
             why = "removed" if name in plan.removed else "replaced"
-            await self._retire(self.streams.pop(name), grace, why)
+            # A UDP listener carries its sessions' replies, so a draining one keeps its socket,
+            # unless a new listener needs the address now.
+            wanted = any(listeners_overlap(running[name], r) for r in starting)
+            await self._retire(self.streams.pop(name), grace, why, release=wanted)
         ready: dict[str, AnyStream] = {}
         for name in plan.to_start:
             route = config.routes[name]
@@ -231,6 +240,10 @@ class Server:
             if pool is None or old_route is None or pool_settings(old_route) != pool_settings(route):
                 pool = build_pool(name, route)
             stream = self._build(name, route, pool)
+            if name in handover and isinstance(stream, UDPStream):
+                old_stream = self.streams[handover[name]]
+                assert isinstance(old_stream, UDPStream)
+                stream.adopt(old_stream)
             try:
                 await stream.prepare()
             except (PortwayError, OSError) as exc:
@@ -243,17 +256,27 @@ class Server:
                     f"route failed to start on reload{kept}",
                     extra={**stream.fields, "action": "reload", "error": str(exc)},
                 )
+                old_name = handover.pop(name, None)
+                if old_name in plan.removed:  # nobody takes its socket over after all
+                    await self._retire(self.streams.pop(old_name), grace, "removed")
                 continue
             ready[name] = stream
         for name in plan.removed:
             self.pools.pop(name, None)
         for name, stream in ready.items():
             await stream.listen_and_serve()
+            old_name = handover.get(name)
+            inherited = self.streams.pop(old_name) if old_name is not None and old_name != name else None
             old = self.streams.get(name)
             self.streams[name] = stream
             self.pools[name] = stream.pool
             log.info("route started", extra={**stream.fields, "action": "start"})
-            if old is not None:
+            if old_name is not None:
+                # The old stream's sessions go on, on its settings, until they idle out.
+                retiring = inherited if inherited is not None else old
+                if retiring is not None:
+                    await self._retire(retiring, None, "replaced")
+            elif old is not None:
                 await self._retire(old, grace, "replaced")
         done = {*ready, *plan.unchanged, *retargeted}
         routes = {name: config.routes[name] if name in done else running[name] for name in self.streams}
@@ -305,8 +328,14 @@ class Server:
             observer=self.observer,
         )
 
-    async def _retire(self, stream: AnyStream, grace: float, why: str) -> None:
-        """Stop `stream` accepting now; its live connections drain in the background."""
+    async def _retire(
+        self, stream: AnyStream, grace: float | None, why: str, *, release: bool = False
+    ) -> None:
+        """Stop `stream` accepting now; its live connections drain in the background (for
+        `grace` seconds; None: until they end). `release`: a new listener needs the address,
+        so a UDP stream gives up its socket (and sessions) at once."""
+        if release and isinstance(stream, UDPStream):
+            grace = 0.0
         task = asyncio.get_running_loop().create_task(stream.drain(grace))
         self._draining[task] = stream
 
@@ -323,6 +352,26 @@ class Server:
             f"route {why}, draining",
             extra={**stream.fields, "action": "drain", "grace_s": grace, "live": _live(stream)},
         )
+
+
+def _udp_handovers(
+    starting: Sequence[str],
+    leaving: Sequence[str],
+    running: Mapping[str, RouteConfig],
+    wanted: Mapping[str, RouteConfig],
+) -> dict[str, str]:
+    """New UDP routes that listen exactly where a leaving (removed or changed) one does: the new
+    stream adopts the old socket, so the old sessions keep being served from that address."""
+    by_key = {listen_key(running[n]): n for n in leaving if is_udp(running[n].scheme)}
+    out: dict[str, str] = {}
+    for name in starting:
+        route = wanted[name]
+        key = listen_key(route)
+        old = by_key.get(key)
+        if old is not None and is_udp(route.scheme) and key[2] != 0 and running[old].scheme == route.scheme:
+            out[name] = old
+            del by_key[key]
+    return out
 
 
 def fold(config: Config) -> Config:

@@ -724,8 +724,9 @@ class TCPStream(Endpoint):
             server, self._server = self._server, None
             await server.wait_closed()
 
-    async def drain(self, timeout: float) -> None:
-        """Stop accepting and wait up to `timeout` for live connections to finish on their own."""
+    async def drain(self, timeout: float | None) -> None:
+        """Stop accepting and wait up to `timeout` (None: no limit) for live connections to
+        finish on their own."""
         if self._server is not None:
             self._server.close()
         if self.conns:

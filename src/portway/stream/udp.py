@@ -175,6 +175,8 @@ class _Session(asyncio.DatagramProtocol):
         if self.holding is not None:
             stream.pool.released(self.holding)
             self.holding = None
+        if stream._ended is not None:
+            stream._ended.set()
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.close()
@@ -350,6 +352,16 @@ class UDPStream(Endpoint):
         self._full_log = BurstLog(10.0)
         self._setup_log = BurstLog(5.0)
         self._target_log = BurstLog(10.0)
+        self._listener: _Listener | None = None
+        #: The stream this one took the listening socket over from on a reload: its sessions go
+        #: on (on their old settings) until they end; new clients get this stream's settings.
+        self.inherited: UDPStream | None = None
+        #: Set once another stream took over this one's socket: closing then leaves it open.
+        self.handed_over = False
+        #: False while draining: datagrams from unknown clients are dropped, not new sessions.
+        self.accepting = True
+        #: Set whenever a session ends, while a drain waits for the last one.
+        self._ended: asyncio.Event | None = None
 
     def _configure(self, sock: socket.socket) -> None:
         _grow_buffers(sock)
@@ -370,9 +382,34 @@ class UDPStream(Endpoint):
         if self.access is not None and not self._attached:
             self.access.attach()
             self._attached = True
-        transport, _ = await self.loop.create_datagram_endpoint(lambda: _Listener(self), sock=self._sock)
-        self.transport = transport
+        old = self.inherited
+        if old is not None and old._listener is not None and old.transport is not None:
+            # A reload kept this listening address: take over the socket and its transport, so
+            # the old stream's sessions keep their replies flowing from the same address.
+            self._listener = old._listener
+            self._listener.stream = self
+            self.transport = old.transport
+            old.handed_over = True
+        else:
+            self._listener = _Listener(self)
+            listener = self._listener
+            transport, _ = await self.loop.create_datagram_endpoint(lambda: listener, sock=self._sock)
+            self.transport = transport
         self._sweeper = self.loop.create_task(self._sweep_idle())
+
+    def adopt(self, old: UDPStream) -> None:
+        """Before `prepare`: serve on `old`'s socket (same address) instead of binding a new one."""
+        self.inherited = old
+        self._sock = old._sock
+        self._local = old._local
+        self._refresh_fields()
+
+    async def prepare(self) -> None:
+        if self.inherited is not None and self._sock is not None:
+            self.loop = asyncio.get_running_loop()
+            await self.pool.start()  # the socket is adopted; only the pool needs starting
+            return
+        await super().prepare()
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -382,13 +419,16 @@ class UDPStream(Endpoint):
         if self._attached and self.access is not None:
             self._attached = False
             self.access.detach()
-        if self.transport is not None:
+        if self.handed_over:
+            pass  # the socket now belongs to the stream that took it over
+        elif self.transport is not None:
             if not self.transport.is_closing():
                 self.transport.close()
-            self.transport = None
         elif self._sock is not None:
             self._sock.close()
+        self.transport = None
         self._sock = None
+        self.inherited = None
         for session in self.sessions:
             self.sessions.remove(session.client, session)
             session.close("shutdown")
@@ -397,9 +437,35 @@ class UDPStream(Endpoint):
     def live(self) -> list[Any]:
         return list(self.sessions)
 
-    async def drain(self, timeout: float) -> None:
-        """UDP has no connections to wait for: sessions just end with the listener."""
+    async def drain(self, timeout: float | None) -> None:
+        """Serve the sessions there are, and no new client, for up to `timeout` seconds (None:
+        until they all idle out), then close.
+
+        Like TCP connections on a reload or shutdown: a game or VPN client is not cut off by an
+        unrelated change. The listening socket stays open meanwhile (it carries the replies),
+        unless another stream took it over.
+        """
+        self.accepting = False
+        self._ended = asyncio.Event()
+        if self.sessions:
+            async with contextlib.AsyncExitStack() as stack:
+                if timeout is not None:
+                    await stack.enter_async_context(asyncio.timeout(timeout))
+                with contextlib.suppress(TimeoutError):
+                    while self.sessions:
+                        await self._ended.wait()
+                        self._ended.clear()
         await self.close()
+
+    def find_inherited(self, client: Any) -> _Session | None:
+        """A session of a stream this one took the socket over from (reloads chain them)."""
+        old = self.inherited
+        while old is not None:
+            session = old.sessions.get(client)
+            if session is not None:
+                return session
+            old = old.inherited
+        return None
 
     # -- called by the listener and sessions
 
@@ -427,6 +493,13 @@ class UDPStream(Endpoint):
         # per-datagram path of existing sessions never consults the ACL. Datagrams from a
         # denied source land here each time, but the decision is cached and the denial log
         # only counts repeats.
+        if self.inherited is not None:
+            old = self.find_inherited(client)
+            if old is not None:
+                old.send(data)
+                return
+        if not self.accepting:
+            return
         observer = self.observer
         if self.access is not None and not self.access.admit(client[0], self.name):
             if observer is not None:
