@@ -148,6 +148,24 @@ BAD = [
         id="family-pinned",
     ),
     pytest.param(
+        "routes:\n  a:\n    host: 127.0.0.1:22\n    port: 2222\n",
+        "f.yml:3:11, route 'a', field 'host': '127.0.0.1:22' includes a port: "
+        "write host: 127.0.0.1 and put the port (22) in `port:`",
+        id="port-in-host-v4",
+    ),
+    pytest.param(
+        "routes:\n  a:\n    host: '[::1]:22'\n    port: 2222\n",
+        "f.yml:3:11, route 'a', field 'host': '[::1]:22' includes a port: "
+        "write host: ::1 and put the port (22) in `port:`",
+        id="port-in-host-v6",
+    ),
+    pytest.param(
+        "routes:\n  a:\n    host: db.example.com:5432\n    port: 5432\n",
+        "f.yml:3:11, route 'a', field 'host': 'db.example.com:5432' includes a port: "
+        "write host: db.example.com and put the port (5432) in `port:`",
+        id="port-in-host-name",
+    ),
+    pytest.param(
         "routes:\n  a:\n    bind: localhost\n    port: 22\n",
         "f.yml:3:11, route 'a', field 'bind': bind 'localhost' is not an IP address",
         id="bind-not-ip",
@@ -172,6 +190,12 @@ def test_bad_config(text: str, message: str) -> None:
         load_config_text(text, "f.yml")
     assert str(info.value) == message
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]", "2001:db8::1", "example.com", "192.0.2.1"])
+def test_hosts_without_a_port_are_accepted(host: str) -> None:
+    route = load_config_text(f"routes:\n  a:\n    host: '{host}'\n    port: 22\n", "f.yml").routes["a"]
+    assert route.host == host.strip("[]")
 
 
 def test_missing_file(tmp_path: Path) -> None:

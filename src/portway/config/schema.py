@@ -180,6 +180,7 @@ class RouteConfig(_Model):
     @field_validator("host")
     @classmethod
     def _host_family(cls, value: str, info: ValidationInfo) -> str:
+        _refuse_port_in_host(value)
         value = value.strip("[]")
         scheme = info.data.get("scheme")
         fam = ip_family(value)
@@ -228,6 +229,19 @@ class RouteConfig(_Model):
             return self.bind
         fam = family_of(self.scheme)
         return "0.0.0.0" if fam == socket.AF_INET else "::"
+
+
+def _refuse_port_in_host(value: str) -> None:
+    """``host: 127.0.0.1:22`` is the most common slip; caught here, not as a traceback at bind time."""
+    if value.startswith("["):
+        inner, sep, rest = value[1:].partition("]")
+        host, port = (inner, rest[1:]) if sep and rest.startswith(":") else ("", "")
+    elif ip_family(value) is None:
+        host, _, port = value.rpartition(":")
+    else:
+        return  # an IPv6 literal: its colons are not a port
+    if host and port:
+        raise ValueError(f"{value!r} includes a port: write host: {host} and put the port ({port}) in `port:`")
 
 
 def _family_name(family: int) -> str:
