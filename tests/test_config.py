@@ -177,6 +177,16 @@ BAD = [
         id="bad-duration",
     ),
     pytest.param(
+        "workers: 0\n",
+        "f.yml:1:10, field 'workers': 0 workers would serve nothing: use `auto` for one worker per CPU",
+        id="zero-workers",
+    ),
+    pytest.param(
+        "workers: ~\n",
+        "f.yml:1:10, field 'workers': workers is a number of processes, or `auto` for one worker per CPU",
+        id="null-workers",
+    ),
+    pytest.param(
         "- just\n- a list\n",
         "f.yml:1: the top level must be a mapping (e.g. `routes:`)",
         id="not-a-mapping",
@@ -196,6 +206,11 @@ def test_bad_config(text: str, message: str) -> None:
 def test_hosts_without_a_port_are_accepted(host: str) -> None:
     route = load_config_text(f"routes:\n  a:\n    host: '{host}'\n    port: 22\n", "f.yml").routes["a"]
     assert route.host == host.strip("[]")
+
+
+@pytest.mark.parametrize(("written", "stored"), [("auto", None), ("AUTO", None), ("1", 1), ("4", 4)])
+def test_workers(written: str, stored: int | None) -> None:
+    assert load_config_text(f"workers: {written}\n", "f.yml").workers == stored
 
 
 def test_missing_file(tmp_path: Path) -> None:

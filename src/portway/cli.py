@@ -88,7 +88,7 @@ def serve(config_path: str, log_format: str, log_level: str, loop_kind: str | No
         factory = loop_factory(loop_kind)
     except (ConfigError, ValueError) as exc:
         _fail(exc, EXIT_CONFIG)
-    workers = config.workers or cpu_count()
+    workers = config.workers if config.workers is not None else cpu_count()
     if workers == 1:
         _run(factory, lambda: serve_live(config_path, grace))
         return

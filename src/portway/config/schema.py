@@ -259,7 +259,12 @@ class ProvidersConfig(_Model):
 
 def _workers(value: Any) -> Any:
     if isinstance(value, str) and value.strip().lower() == "auto":
-        return 0
+        return None
+    if value is None:
+        raise ValueError("workers is a number of processes, or `auto` for one worker per CPU")
+    if isinstance(value, str | int) and str(value).strip() == "0":
+        # 0 once meant "one per CPU"; a silent fork bomb on a big machine is worse than an error.
+        raise ValueError("0 workers would serve nothing: use `auto` for one worker per CPU")
     return value
 
 
@@ -270,8 +275,8 @@ class Config(_Model):
     acl: AclConfig | None = None
     entrypoint: EntrypointConfig = Field(default_factory=EntrypointConfig)
     providers: ProvidersConfig = Field(default_factory=ProvidersConfig)
-    #: Worker processes sharing each listener (SO_REUSEPORT); "auto" (stored as 0) = one per CPU.
-    workers: Annotated[int, BeforeValidator(_workers), Field(ge=0, le=256)] = 1
+    #: Worker processes sharing each listener (SO_REUSEPORT); "auto" (stored as None) = one per CPU.
+    workers: Annotated[Annotated[int, Field(ge=1, le=256)] | None, BeforeValidator(_workers)] = 1
     #: How long removed or changed routes let live connections finish on reload or shutdown.
     grace_period: Duration = 10.0
 
