@@ -241,7 +241,9 @@ def _refuse_port_in_host(value: str) -> None:
     else:
         return  # an IPv6 literal: its colons are not a port
     if host and port:
-        raise ValueError(f"{value!r} includes a port: write host: {host} and put the port ({port}) in `port:`")
+        raise ValueError(
+            f"{value!r} includes a port: write host: {host} and put the port ({port}) in `port:`"
+        )
 
 
 def _family_name(family: int) -> str:
