@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -250,3 +252,17 @@ def test_listeners_overlap(
 ) -> None:
     assert listeners_overlap(_route(*a), _route(*b)) is overlap
     assert listeners_overlap(_route(*b), _route(*a)) is overlap
+
+
+@pytest.mark.parametrize(
+    ("module", "must_not_import"),
+    [
+        ("portway.config.validate", ("portway.config.sources", "portway.config.load")),
+        ("portway.config.sources", ("portway.config.load",)),
+    ],
+)
+def test_loader_imports_flow_one_way(module: str, must_not_import: tuple[str, ...]) -> None:
+    """validate <- sources <- load: no layer reaches up, so there is no cycle to import lazily around."""
+    code = f"import sys, {module}; print([m for m in {must_not_import!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -24,8 +24,8 @@ from pathlib import Path
 from watchfiles import awatch
 
 from portway.addr import PortSpec
+from portway.config.load import Sources, load_config
 from portway.config.schema import Config, RouteConfig
-from portway.config.sources import Sources, load_sources
 from portway.errors import ConfigError
 from portway.logs import LoopErrorLog
 from portway.loops import loop_name
@@ -51,8 +51,11 @@ class LiveServer:
         reuse_port: bool = False,
         port_overrides: Mapping[str, int] | None = None,
         on_ready: Callable[[], None] | None = None,
+        sources: Sources | None = None,
     ) -> None:
         self.path = Path(path)
+        #: What the CLI already read and checked; read here otherwise. Reloads always re-read.
+        self._initial = sources
         #: Worker processes share listeners (SO_REUSEPORT); routes written with listening port 0
         #: get the port the supervisor picked for all of them, so every worker binds the same one.
         self.reuse_port = reuse_port
@@ -78,7 +81,7 @@ class LiveServer:
 
     async def run(self, stop: asyncio.Event, *, shutdown_grace: float) -> None:
         """Start everything, reload on demand until `stop` is set, then shut down gracefully."""
-        self.sources = load_sources(self.path)
+        self.sources = self._initial if self._initial is not None else load_config(self.path)
         self.server = Server(self._wanted(), reuse_port=self.reuse_port)
         await self.server.start()  # the file's routes, all or nothing; Docker routes follow
         try:
@@ -123,7 +126,7 @@ class LiveServer:
         if self._files_dirty:
             self._files_dirty = False
             try:
-                sources = load_sources(self.path)
+                sources = load_config(self.path)
             except ConfigError as exc:
                 log.error(
                     f"reload refused, the running routes are unchanged: {exc}",
@@ -233,12 +236,18 @@ async def serve_live(
     reuse_port: bool = False,
     port_overrides: Mapping[str, int] | None = None,
     on_ready: Callable[[], None] | None = None,
+    sources: Sources | None = None,
 ) -> None:
-    """Serve `path` until SIGINT/SIGTERM; reload on SIGHUP and whenever a config file changes."""
+    """Serve `path` until SIGINT/SIGTERM; reload on SIGHUP and whenever a config file changes.
+
+    `sources` is `path` as already read (the CLI reads and checks it once, before forking workers).
+    """
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(LoopErrorLog())  # e.g. accept() out of descriptors: once per burst
     stop = asyncio.Event()
-    app = LiveServer(path, reuse_port=reuse_port, port_overrides=port_overrides, on_ready=on_ready)
+    app = LiveServer(
+        path, reuse_port=reuse_port, port_overrides=port_overrides, on_ready=on_ready, sources=sources
+    )
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app.request_reload)

@@ -20,7 +20,7 @@ from portway import __version__
 from portway.addr import family_of, format_hostport, is_udp
 from portway.app import serve_live
 from portway.config.durations import format_duration
-from portway.config.load import load_config_file
+from portway.config.load import load_config
 from portway.config.schema import Config
 from portway.errors import ConfigError, PortwayError
 from portway.logs import LoopErrorLog, setup_logging
@@ -84,13 +84,14 @@ def serve(config_path: str, log_format: str, log_level: str, loop_kind: str | No
     """Serve the routes in a config file until SIGINT or SIGTERM."""
     setup_logging(log_level, log_format)  # type: ignore[arg-type]
     try:
-        config = load_config_file(config_path)
+        sources = load_config(config_path)
         factory = loop_factory(loop_kind)
     except (ConfigError, ValueError) as exc:
         _fail(exc, EXIT_CONFIG)
+    config = sources.config
     workers = config.workers if config.workers is not None else cpu_count()
     if workers == 1:
-        _run(factory, lambda: serve_live(config_path, grace))
+        _run(factory, lambda: serve_live(config_path, grace, sources=sources))
         return
     try:
         overrides = reserve_listeners(config)
@@ -109,7 +110,12 @@ def serve(config_path: str, log_format: str, log_level: str, loop_kind: str | No
         return _run(
             factory,
             lambda: serve_live(
-                config_path, grace, reuse_port=True, port_overrides=overrides, on_ready=serving
+                config_path,
+                grace,
+                reuse_port=True,
+                port_overrides=overrides,
+                on_ready=serving,
+                sources=sources,
             ),
             exit_on_error=False,
         )
@@ -122,7 +128,7 @@ def serve(config_path: str, log_format: str, log_level: str, loop_kind: str | No
 def check(config_path: str) -> None:
     """Validate a config file and print its routes."""
     try:
-        config = load_config_file(config_path)
+        config = load_config(config_path).config
     except ConfigError as exc:
         _fail(exc, EXIT_CONFIG)
     click.echo(format_routes(config))
