@@ -95,8 +95,10 @@ async def test_bind_failure_names_route_and_address_and_serves_nothing(
 async def test_unresolvable_target_is_a_clear_error(tmp_path: Path) -> None:
     config = write(tmp_path, "routes:\n  r:\n    host: no-such-host.invalid\n    port: 0:22\n")
     status, _out, err = await run_cli("serve", "-c", str(config), "--loop", current_loop_kind())
-    assert status == 1
-    assert "route 'r': target host 'no-such-host.invalid' does not resolve" in err
+    assert status == 2  # found before listening, like every config error (see test_check.py)
+    assert (
+        f"{config}:3:11, route 'r', field 'host': target host 'no-such-host.invalid' does not resolve" in err
+    )
     assert "Traceback" not in err
 
 

@@ -20,7 +20,8 @@ from portway import __version__
 from portway.addr import family_of, format_hostport, is_udp
 from portway.app import serve_live
 from portway.config.durations import format_duration
-from portway.config.load import load_config
+from portway.config.load import Sources, load_config
+from portway.config.preflight import preflight
 from portway.config.schema import Config
 from portway.errors import ConfigError, PortwayError
 from portway.logs import LoopErrorLog, setup_logging
@@ -88,6 +89,7 @@ def serve(config_path: str, log_format: str, log_level: str, loop_kind: str | No
         factory = loop_factory(loop_kind)
     except (ConfigError, ValueError) as exc:
         _fail(exc, EXIT_CONFIG)
+    _preflight_or_fail(sources, offline=False)
     config = sources.config
     workers = config.workers if config.workers is not None else cpu_count()
     if workers == 1:
@@ -125,12 +127,23 @@ def serve(config_path: str, log_format: str, log_level: str, loop_kind: str | No
 
 @main.command()
 @click.option("-c", "--config", "config_path", required=True, help="The YAML file of routes.")
-def check(config_path: str) -> None:
-    """Validate a config file and print its routes."""
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="A target name that does not resolve is a warning, not an error (checking away from its DNS).",
+)
+def check(config_path: str, offline: bool) -> None:
+    """Validate a config file as strictly as `serve` would, and print what it will run.
+
+    Opens the GeoIP databases and ACL log files and resolves every target name, as serve does
+    before listening; binds nothing.
+    """
     try:
-        config = load_config(config_path).config
+        sources = load_config(config_path)
     except ConfigError as exc:
         _fail(exc, EXIT_CONFIG)
+    _preflight_or_fail(sources, offline=offline)
+    config = sources.config
     click.echo(format_routes(config))
     click.echo(f"\n{config_path}: {len(config.routes)} route(s), OK")
 
@@ -177,6 +190,17 @@ async def _demo(tcp_port: int, udp_port: int) -> None:
     finally:
         await server.stop(1.0)
         await targets.stop()
+
+
+def _preflight_or_fail(sources: Sources, *, offline: bool) -> None:
+    """What serve would refuse before listening: every problem on its own line, then exit 2."""
+    found = preflight(sources, offline=offline)
+    for warning in found.warnings:
+        click.echo(f"portway: warning: {warning}", err=True)
+    if found.errors:
+        for error in found.errors[:-1]:
+            click.echo(f"portway: error: {error}", err=True)
+        _fail(found.errors[-1], EXIT_CONFIG)
 
 
 def format_routes(config: Config) -> str:
