@@ -17,9 +17,9 @@ from typing import Any, NoReturn
 import click
 
 from portway import __version__
-from portway.addr import family_of, format_hostport, is_udp
+from portway.addr import family_of, is_udp
 from portway.app import serve_live
-from portway.config.durations import format_duration
+from portway.config.describe import describe
 from portway.config.load import Sources, load_config
 from portway.config.preflight import preflight
 from portway.config.schema import Config
@@ -144,7 +144,7 @@ def check(config_path: str, offline: bool) -> None:
         _fail(exc, EXIT_CONFIG)
     _preflight_or_fail(sources, offline=offline)
     config = sources.config
-    click.echo(format_routes(config))
+    click.echo(describe(config))
     click.echo(f"\n{config_path}: {len(config.routes)} route(s), OK")
 
 
@@ -201,25 +201,6 @@ def _preflight_or_fail(sources: Sources, *, offline: bool) -> None:
         for error in found.errors[:-1]:
             click.echo(f"portway: error: {error}", err=True)
         _fail(found.errors[-1], EXIT_CONFIG)
-
-
-def format_routes(config: Config) -> str:
-    rows = [("ROUTE", "SCHEME", "LISTEN", "TARGET", "OPTIONS")]
-    for name, r in config.routes.items():
-        if is_udp(r.scheme):
-            opts = f"idle={format_duration(r.udp_idle_timeout)} max_sessions={r.udp_max_sessions}"
-        else:
-            opts = f"connect_timeout={format_duration(r.connect_timeout)}"
-            if r.idle_timeout:
-                opts += f" idle={format_duration(r.idle_timeout)}"
-        listen = format_hostport(r.listen_host(), r.port.listening) + (
-            " (any free port)" if not r.port.listening else ""
-        )
-        rows.append((name, r.scheme, listen, format_hostport(r.host, r.port.target), opts))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join(
-        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4] for row in rows
-    )
 
 
 def _run(
