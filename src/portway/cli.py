@@ -58,9 +58,9 @@ _loop = click.option(
 _grace = click.option(
     "--grace",
     type=float,
-    default=3.0,
-    show_default=True,
-    help="Seconds live connections get to finish after SIGTERM/SIGINT.",
+    default=None,
+    help="Seconds live connections get to finish after SIGTERM/SIGINT; overrides the file's "
+    "grace_period (default 10s) for shutdown only. A second signal stops at once.",
 )
 
 
@@ -81,7 +81,9 @@ def main() -> None:
 @_log_level
 @_loop
 @_grace
-def serve(config_path: str, log_format: str, log_level: str, loop_kind: str | None, grace: float) -> None:
+def serve(
+    config_path: str, log_format: str, log_level: str, loop_kind: str | None, grace: float | None
+) -> None:
     """Serve the routes in a config file until SIGINT or SIGTERM."""
     setup_logging(log_level, log_format)  # type: ignore[arg-type]
     try:
@@ -122,7 +124,9 @@ def serve(config_path: str, log_format: str, log_level: str, loop_kind: str | No
             exit_on_error=False,
         )
 
-    sys.exit(Supervisor(workers, worker, grace=grace).run())
+    # The supervisor waits this long (plus a margin) before killing a worker that will not stop.
+    shutdown_grace = grace if grace is not None else config.grace_period
+    sys.exit(Supervisor(workers, worker, grace=shutdown_grace).run())
 
 
 @main.command()
