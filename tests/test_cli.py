@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from pathlib import Path
 
@@ -162,3 +163,33 @@ async def test_console_logs_are_human_readable(tmp_path: Path, tcp_echo: TCPEcho
     proc.terminate()
     await proc.wait()
     assert " INFO  route started  route=t action=start protocol=tcp4->tcp4 listen=127.0.0.1:" in line
+
+
+async def test_fatal_errors_are_json_under_json_logs(tmp_path: Path) -> None:
+    config = write(tmp_path, "routes:\n  r:\n    host: no-such-host.invalid\n    port: 0:22\n")
+    status, _out, err = await run_cli("serve", "-c", str(config), "--log-format", "json")
+    assert status == 2
+    [line] = err.splitlines()
+    record = json.loads(line)
+    assert record["level"] == "error" and record["action"] == "fatal" and record["status"] == 2
+    assert (record["file"], record["line"], record["column"]) == (str(config), 3, 11)
+    assert (record["route"], record["field"]) == ("r", "host")
+    assert record["error"].startswith("target host 'no-such-host.invalid' does not resolve: ")
+    assert record["event"] == f"{config}:3:11, route 'r', field 'host': {record['error']}"
+
+
+async def test_runtime_failures_are_json_under_json_logs(tmp_path: Path, tcp_echo: TCPEchoTarget) -> None:
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    busy = blocker.getsockname()[1]
+    config = write(tmp_path, "routes:\n" + route_yaml("clash", scheme="tcp4", port=f"{busy}:{tcp_echo.port}"))
+    try:
+        status, _out, err = await run_cli("serve", "-c", str(config), "--log-format", "json")
+    finally:
+        blocker.close()
+    assert status == 1
+    records = [json.loads(line) for line in err.splitlines()]  # every line is JSON
+    fatal = records[-1]
+    assert (fatal["level"], fatal["action"], fatal["status"]) == ("error", "fatal", 1)
+    assert fatal["event"] == f"route 'clash': cannot listen on 127.0.0.1:{busy}/tcp: address already in use"

@@ -7,6 +7,7 @@ The rule: the file's ``grace_period`` is the one setting for reload drains and s
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from pathlib import Path
 
@@ -102,4 +103,27 @@ async def test_workers_stop_at_once_on_a_second_signal(tmp_path: Path, tcp_echo:
     finally:
         for w in writers:
             w.close()
+        await pw.stop()
+
+
+async def test_every_worker_logs_its_stop_even_when_the_whole_group_is_signalled(
+    tmp_path: Path, tcp_echo: TCPEchoTarget
+) -> None:
+    """As a Ctrl-C in a terminal or `timeout` does: SIGTERM to the process group, not one pid.
+
+    Each worker must log its own stop, once, without taking the group signal plus the
+    supervisor's forwarded one as "a second signal".
+    """
+    pw = await PortwayProcess.serve(
+        config(tmp_path, tcp_echo.port, "workers: 3\n"), current_loop_kind(), preexec_fn=os.setpgrp
+    )
+    try:
+        await pw.wait_for("workers serving", timeout=20)
+        os.killpg(pw.proc.pid, signal.SIGTERM)
+        assert await asyncio.wait_for(pw.proc.wait(), 15) == 0
+        await asyncio.wait_for(pw._reader, 5)
+        for event in ("shutting down", "route stopped"):
+            assert sorted(r.get("worker") for r in pw.records if r.get("event") == event) == [0, 1, 2], event
+        assert not [r for r in pw.records if str(r.get("event", "")).startswith("second signal")]
+    finally:
         await pw.stop()

@@ -309,6 +309,10 @@ async def serve_live(
     try:
         await app.run(stop, shutdown_grace=shutdown_grace)
     finally:
+        # Out before the signal handlers go back to their defaults: a late SIGTERM from then on
+        # ends the process at once, and batched lines ("route stopped") would be lost with it.
+        for handler in logging.getLogger("portway").handlers:
+            handler.flush()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)

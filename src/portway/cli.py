@@ -24,7 +24,7 @@ from portway.config.load import Sources, load_config
 from portway.config.preflight import preflight
 from portway.config.schema import Config
 from portway.errors import ConfigError, PortwayError
-from portway.logs import LoopErrorLog, setup_logging
+from portway.logs import BatchingHandler, LoopErrorLog, setup_logging
 from portway.loops import loop_factory, loop_name
 from portway.server import Server
 from portway.stream.listen import bind_socket, listen_family
@@ -65,8 +65,31 @@ _grace = click.option(
 
 
 def _fail(exc: BaseException, status: int) -> NoReturn:
-    click.echo(f"portway: error: {exc}", err=True)
+    _report(exc, status=status)
     sys.exit(status)
+
+
+def _report(exc: BaseException, *, status: int | None = None, warning: bool = False) -> None:
+    """One line on stderr: ``portway: error: ...``, or a JSON log record under ``--log-format json``.
+
+    Log shippers reading JSON lines must see the one line that says why portway stopped.
+    """
+    root = logging.getLogger("portway")
+    handler = root.handlers[0] if len(root.handlers) == 1 else None
+    if not isinstance(handler, BatchingHandler) or handler.fmt != "json":
+        click.echo(f"portway: {'warning' if warning else 'error'}: {exc}", err=True)
+        return
+    fields: dict[str, object] = {"action": "check" if warning else "fatal"}
+    if status is not None:
+        fields["status"] = status
+    if isinstance(exc, ConfigError):
+        where = {"file": exc.file, "line": exc.line, "column": exc.column, "route": exc.route}
+        fields.update({k: v for k, v in where.items() if v is not None})
+        if exc.field is not None:
+            fields["field"] = exc.field
+        fields["error"] = exc.message
+    root.log(logging.WARNING if warning else logging.ERROR, str(exc), extra=fields)
+    handler.flush()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -200,10 +223,10 @@ def _preflight_or_fail(sources: Sources, *, offline: bool) -> None:
     """What serve would refuse before listening: every problem on its own line, then exit 2."""
     found = preflight(sources, offline=offline)
     for warning in found.warnings:
-        click.echo(f"portway: warning: {warning}", err=True)
+        _report(warning, warning=True)
     if found.errors:
         for error in found.errors[:-1]:
-            click.echo(f"portway: error: {error}", err=True)
+            _report(error, status=EXIT_CONFIG)
         _fail(found.errors[-1], EXIT_CONFIG)
 
 
@@ -227,7 +250,7 @@ def _run(
     if status and exit_on_error:
         _fail(error, status)
     elif status:
-        click.echo(f"portway: error: {error}", err=True)
+        _report(error, status=status)
     return status
 
 

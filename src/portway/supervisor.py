@@ -103,6 +103,10 @@ class Supervisor:
             os.close(ready_r)
             status = 1
             try:
+                # A process group of its own: a Ctrl-C (or `kill -TERM -PGID`, or `timeout`) reaches
+                # only the supervisor, which passes it on once. Reaching a worker twice, the same
+                # signal would count as the second one, "stop now", and skip the grace period.
+                os.setpgid(0, 0)
                 for sig in (*_FORWARDED, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
                 os.close(self._wake_r)
