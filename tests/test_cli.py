@@ -193,3 +193,23 @@ async def test_runtime_failures_are_json_under_json_logs(tmp_path: Path, tcp_ech
     fatal = records[-1]
     assert (fatal["level"], fatal["action"], fatal["status"]) == ("error", "fatal", 1)
     assert fatal["event"] == f"route 'clash': cannot listen on 127.0.0.1:{busy}/tcp: address already in use"
+
+
+@pytest.mark.parametrize(
+    ("kind", "option"), [(socket.SOCK_STREAM, "--tcp-port"), (socket.SOCK_DGRAM, "--udp-port")]
+)
+async def test_demo_port_taken_says_which_option_picks_another(kind: int, option: str) -> None:
+    blocker = socket.socket(socket.AF_INET, kind)
+    blocker.bind(("127.0.0.1", 0))
+    busy = blocker.getsockname()[1]
+    ports = {"--tcp-port": "0", "--udp-port": "0", option: str(busy)}
+    try:
+        status, _out, err = await run_cli("demo", *(x for kv in ports.items() for x in kv))
+    finally:
+        blocker.close()
+    assert status == 1
+    proto = "tcp" if kind == socket.SOCK_STREAM else "udp"
+    assert err.splitlines()[-1].endswith(
+        f"cannot listen on 127.0.0.1:{busy}/{proto}: address already in use "
+        f"(pick another port with `portway demo {option} PORT`)"
+    )

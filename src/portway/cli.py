@@ -23,7 +23,7 @@ from portway.config.describe import describe
 from portway.config.load import Sources, load_config
 from portway.config.preflight import preflight
 from portway.config.schema import Config
-from portway.errors import ConfigError, PortwayError
+from portway.errors import BindError, ConfigError, PortwayError
 from portway.logs import BatchingHandler, LoopErrorLog, setup_logging
 from portway.loops import loop_factory, loop_name
 from portway.server import Server
@@ -207,7 +207,11 @@ async def _demo(tcp_port: int, udp_port: int) -> None:
     tcp_target, udp_target = await targets.start()
     server = Server(demo_config(tcp_port, udp_port, tcp_target, udp_target))
     try:
-        await server.start()
+        try:
+            await server.start()
+        except BindError as exc:
+            option = "--udp-port" if "'demo-udp'" in str(exc) else "--tcp-port"
+            raise BindError(f"{exc} (pick another port with `portway demo {option} PORT`)") from None
         tcp, udp = server.streams["demo-tcp"].local_addr, server.streams["demo-udp"].local_addr
         assert tcp is not None and udp is not None
         log.info("portway serving", extra={"routes": 2, "loop": loop_name(loop), "action": "ready"})
