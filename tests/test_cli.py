@@ -34,6 +34,7 @@ async def test_serve_forwards_and_stops_on_sigterm(
     try:
         ready = await pw.wait_for("portway serving")
         assert ready["loop"] == current_loop_kind()
+        assert (ready["version"], ready["config"]) == (__version__, str(config))
         # One INFO line per route, with the actual (OS-picked) listen address and the log fields.
         assert set(pw.started) == {"t", "u"}
         for name, proto in (("t", "tcp4->tcp4"), ("u", "udp4->udp4")):
@@ -213,3 +214,10 @@ async def test_demo_port_taken_says_which_option_picks_another(kind: int, option
         f"cannot listen on 127.0.0.1:{busy}/{proto}: address already in use "
         f"(pick another port with `portway demo {option} PORT`)"
     )
+
+
+async def test_serve_help_mentions_reloading_on_sighup() -> None:
+    status, out, _ = await run_cli("serve", "--help")
+    assert status == 0
+    assert "SIGHUP" in out and "kill -HUP <pid>" in out
+    assert "a second signal stops at once" in out

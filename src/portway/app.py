@@ -23,6 +23,7 @@ from pathlib import Path
 
 from watchfiles import awatch
 
+from portway import __version__
 from portway.addr import PortSpec
 from portway.config.load import Sources, load_config
 from portway.config.schema import Config, RouteConfig
@@ -95,7 +96,13 @@ class LiveServer:
             loop = asyncio.get_running_loop()
             log.info(
                 "portway serving",
-                extra={"routes": len(self.server.streams), "loop": loop_name(loop), "action": "ready"},
+                extra={
+                    "routes": len(self.server.streams),
+                    "loop": loop_name(loop),
+                    "action": "ready",
+                    "version": __version__,
+                    "config": str(self.path),
+                },
             )
             self.ready.set()
             if self.on_ready is not None:

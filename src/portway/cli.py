@@ -95,7 +95,10 @@ def _report(exc: BaseException, *, status: int | None = None, warning: bool = Fa
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="portway")
 def main() -> None:
-    """portway: a small, fast, safe TCP/UDP stream proxy."""
+    """portway: a small, fast, safe TCP/UDP stream proxy.
+
+    Start with `portway check -c FILE`, then `portway serve -c FILE` (SIGHUP reloads).
+    """
 
 
 @main.command()
@@ -107,7 +110,15 @@ def main() -> None:
 def serve(
     config_path: str, log_format: str, log_level: str, loop_kind: str | None, grace: float | None
 ) -> None:
-    """Serve the routes in a config file until SIGINT or SIGTERM."""
+    """Serve the routes in a config file until SIGINT or SIGTERM.
+
+    \b
+    Reloads, keeping unchanged routes and their connections, when a config file
+    (or an included one) is saved or on SIGHUP:  kill -HUP <pid>
+    A reload that fails validation changes nothing and logs where the error is.
+    SIGINT/SIGTERM: stop accepting, let connections finish for grace_period
+    (or --grace); a second signal stops at once.
+    """
     setup_logging(log_level, log_format)  # type: ignore[arg-type]
     try:
         sources = load_config(config_path)
