@@ -6,6 +6,7 @@ Set PORTWAY_TEST_LOOPS=uvloop (or asyncio) to run just one of them.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -22,9 +23,42 @@ pytest_plugins = ["tests.docker_engine"]
 _LOOPS = [x for x in os.environ.get("PORTWAY_TEST_LOOPS", "asyncio,uvloop").split(",") if x]
 
 
+_FACTORIES: dict[str, Callable[[], Any]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
-    factories = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-    return {name: factories[name] for name in _LOOPS}
+    return {name: _FACTORIES[name] for name in _LOOPS}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k/-m deselect: judge whole functions, not what was kept
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Fail the run if an async test would not run under every loop (pytest-asyncio < 1.4 ignores
+    the hook above and silently runs each test once). Node ids naming one variant are exempt."""
+    if any("[" in arg for arg in config.args):
+        return
+    missing = async_tests_missing_loops(items, [_FACTORIES[name] for name in _LOOPS])
+    if missing:
+        raise pytest.UsageError(
+            f"{len(missing)} async test(s) do not run under every loop in {_LOOPS}, e.g. {missing[0]}: "
+            "is pytest-asyncio >= 1.4 (the pytest_asyncio_loop_factories hook) installed?"
+        )
+
+
+def async_tests_missing_loops(items: list[Any], factories: list[Callable[[], Any]]) -> list[str]:
+    """The async test functions (one per other-parameter set) lacking a variant for some factory."""
+    seen: dict[tuple[str, str], set[Any]] = {}
+    for item in items:
+        if not inspect.iscoroutinefunction(getattr(item, "obj", None)):
+            continue
+        callspec = getattr(item, "callspec", None)
+        params = dict(callspec.params) if callspec is not None else {}
+        factory = params.pop("_asyncio_loop_factory", None)
+        key = (item.nodeid.split("[")[0], repr(sorted(params.items(), key=repr)))
+        seen.setdefault(key, set()).add(factory)
+    return sorted({test for (test, _), found in seen.items() if not set(factories) <= found})
 
 
 def current_loop_kind() -> str:

@@ -36,7 +36,10 @@ class PortwayProcess:
         *extra: str,
         preexec_fn: Any = None,
         env: dict[str, str] | None = None,
+        grace: float | None = 3.0,
     ) -> PortwayProcess:
+        """`grace` is passed as ``--grace`` (None: the file's grace_period, 10s unless written)."""
+        grace_flag = ["--grace", str(grace)] if grace is not None else []
         proc = await asyncio.create_subprocess_exec(
             *PORTWAY,
             "serve",
@@ -46,6 +49,7 @@ class PortwayProcess:
             "json",
             "--loop",
             loop_kind,
+            *grace_flag,
             *extra,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,

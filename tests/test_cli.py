@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from pathlib import Path
 
@@ -33,6 +34,7 @@ async def test_serve_forwards_and_stops_on_sigterm(
     try:
         ready = await pw.wait_for("portway serving")
         assert ready["loop"] == current_loop_kind()
+        assert (ready["version"], ready["config"]) == (__version__, str(config))
         # One INFO line per route, with the actual (OS-picked) listen address and the log fields.
         assert set(pw.started) == {"t", "u"}
         for name, proto in (("t", "tcp4->tcp4"), ("u", "udp4->udp4")):
@@ -95,8 +97,10 @@ async def test_bind_failure_names_route_and_address_and_serves_nothing(
 async def test_unresolvable_target_is_a_clear_error(tmp_path: Path) -> None:
     config = write(tmp_path, "routes:\n  r:\n    host: no-such-host.invalid\n    port: 0:22\n")
     status, _out, err = await run_cli("serve", "-c", str(config), "--loop", current_loop_kind())
-    assert status == 1
-    assert "route 'r': target host 'no-such-host.invalid' does not resolve" in err
+    assert status == 2  # found before listening, like every config error (see test_check.py)
+    assert (
+        f"{config}:3:11, route 'r', field 'host': target host 'no-such-host.invalid' does not resolve" in err
+    )
     assert "Traceback" not in err
 
 
@@ -160,3 +164,60 @@ async def test_console_logs_are_human_readable(tmp_path: Path, tcp_echo: TCPEcho
     proc.terminate()
     await proc.wait()
     assert " INFO  route started  route=t action=start protocol=tcp4->tcp4 listen=127.0.0.1:" in line
+
+
+async def test_fatal_errors_are_json_under_json_logs(tmp_path: Path) -> None:
+    config = write(tmp_path, "routes:\n  r:\n    host: no-such-host.invalid\n    port: 0:22\n")
+    status, _out, err = await run_cli("serve", "-c", str(config), "--log-format", "json")
+    assert status == 2
+    [line] = err.splitlines()
+    record = json.loads(line)
+    assert record["level"] == "error" and record["action"] == "fatal" and record["status"] == 2
+    assert (record["file"], record["line"], record["column"]) == (str(config), 3, 11)
+    assert (record["route"], record["field"]) == ("r", "host")
+    assert record["error"].startswith("target host 'no-such-host.invalid' does not resolve: ")
+    assert record["event"] == f"{config}:3:11, route 'r', field 'host': {record['error']}"
+
+
+async def test_runtime_failures_are_json_under_json_logs(tmp_path: Path, tcp_echo: TCPEchoTarget) -> None:
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    busy = blocker.getsockname()[1]
+    config = write(tmp_path, "routes:\n" + route_yaml("clash", scheme="tcp4", port=f"{busy}:{tcp_echo.port}"))
+    try:
+        status, _out, err = await run_cli("serve", "-c", str(config), "--log-format", "json")
+    finally:
+        blocker.close()
+    assert status == 1
+    records = [json.loads(line) for line in err.splitlines()]  # every line is JSON
+    fatal = records[-1]
+    assert (fatal["level"], fatal["action"], fatal["status"]) == ("error", "fatal", 1)
+    assert fatal["event"] == f"route 'clash': cannot listen on 127.0.0.1:{busy}/tcp: address already in use"
+
+
+@pytest.mark.parametrize(
+    ("kind", "option"), [(socket.SOCK_STREAM, "--tcp-port"), (socket.SOCK_DGRAM, "--udp-port")]
+)
+async def test_demo_port_taken_says_which_option_picks_another(kind: int, option: str) -> None:
+    blocker = socket.socket(socket.AF_INET, kind)
+    blocker.bind(("127.0.0.1", 0))
+    busy = blocker.getsockname()[1]
+    ports = {"--tcp-port": "0", "--udp-port": "0", option: str(busy)}
+    try:
+        status, _out, err = await run_cli("demo", *(x for kv in ports.items() for x in kv))
+    finally:
+        blocker.close()
+    assert status == 1
+    proto = "tcp" if kind == socket.SOCK_STREAM else "udp"
+    assert err.splitlines()[-1].endswith(
+        f"cannot listen on 127.0.0.1:{busy}/{proto}: address already in use "
+        f"(pick another port with `portway demo {option} PORT`)"
+    )
+
+
+async def test_serve_help_mentions_reloading_on_sighup() -> None:
+    status, out, _ = await run_cli("serve", "--help")
+    assert status == 0
+    assert "SIGHUP" in out and "kill -HUP <pid>" in out
+    assert "a second signal stops at once" in out

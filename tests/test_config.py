@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,6 +150,24 @@ BAD = [
         id="family-pinned",
     ),
     pytest.param(
+        "routes:\n  a:\n    host: 127.0.0.1:22\n    port: 2222\n",
+        "f.yml:3:11, route 'a', field 'host': '127.0.0.1:22' includes a port: "
+        "write host: 127.0.0.1 and put the port (22) in `port:`",
+        id="port-in-host-v4",
+    ),
+    pytest.param(
+        "routes:\n  a:\n    host: '[::1]:22'\n    port: 2222\n",
+        "f.yml:3:11, route 'a', field 'host': '[::1]:22' includes a port: "
+        "write host: ::1 and put the port (22) in `port:`",
+        id="port-in-host-v6",
+    ),
+    pytest.param(
+        "routes:\n  a:\n    host: db.example.com:5432\n    port: 5432\n",
+        "f.yml:3:11, route 'a', field 'host': 'db.example.com:5432' includes a port: "
+        "write host: db.example.com and put the port (5432) in `port:`",
+        id="port-in-host-name",
+    ),
+    pytest.param(
         "routes:\n  a:\n    bind: localhost\n    port: 22\n",
         "f.yml:3:11, route 'a', field 'bind': bind 'localhost' is not an IP address",
         id="bind-not-ip",
@@ -157,6 +177,16 @@ BAD = [
         "f.yml:4:22, route 'a', field 'connect_timeout': malformed duration 'soon' "
         "(expected e.g. 500ms, 5s, 1m30s, 2h)",
         id="bad-duration",
+    ),
+    pytest.param(
+        "workers: 0\n",
+        "f.yml:1:10, field 'workers': 0 workers would serve nothing: use `auto` for one worker per CPU",
+        id="zero-workers",
+    ),
+    pytest.param(
+        "workers: ~\n",
+        "f.yml:1:10, field 'workers': workers is a number of processes, or `auto` for one worker per CPU",
+        id="null-workers",
     ),
     pytest.param(
         "- just\n- a list\n",
@@ -172,6 +202,17 @@ def test_bad_config(text: str, message: str) -> None:
         load_config_text(text, "f.yml")
     assert str(info.value) == message
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]", "2001:db8::1", "example.com", "192.0.2.1"])
+def test_hosts_without_a_port_are_accepted(host: str) -> None:
+    route = load_config_text(f"routes:\n  a:\n    host: '{host}'\n    port: 22\n", "f.yml").routes["a"]
+    assert route.host == host.strip("[]")
+
+
+@pytest.mark.parametrize(("written", "stored"), [("auto", None), ("AUTO", None), ("1", 1), ("4", 4)])
+def test_workers(written: str, stored: int | None) -> None:
+    assert load_config_text(f"workers: {written}\n", "f.yml").workers == stored
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -211,3 +252,17 @@ def test_listeners_overlap(
 ) -> None:
     assert listeners_overlap(_route(*a), _route(*b)) is overlap
     assert listeners_overlap(_route(*b), _route(*a)) is overlap
+
+
+@pytest.mark.parametrize(
+    ("module", "must_not_import"),
+    [
+        ("portway.config.validate", ("portway.config.sources", "portway.config.load")),
+        ("portway.config.sources", ("portway.config.load",)),
+    ],
+)
+def test_loader_imports_flow_one_way(module: str, must_not_import: tuple[str, ...]) -> None:
+    """validate <- sources <- load: no layer reaches up, so there is no cycle to import lazily around."""
+    code = f"import sys, {module}; print([m for m in {must_not_import!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -23,15 +23,17 @@ from pathlib import Path
 
 from watchfiles import awatch
 
+from portway import __version__
 from portway.addr import PortSpec
+from portway.config.load import Sources, load_config
 from portway.config.schema import Config, RouteConfig
-from portway.config.sources import Sources, load_sources
 from portway.errors import ConfigError
 from portway.logs import LoopErrorLog
 from portway.loops import loop_name
 from portway.providers.docker import DockerProvider, docker_url, parse_provider_name
 from portway.providers.merge import merge_routes
 from portway.server import Server
+from portway.stream.tcp import TCPStream
 
 __all__ = ["LiveServer", "serve_live"]
 
@@ -51,8 +53,11 @@ class LiveServer:
         reuse_port: bool = False,
         port_overrides: Mapping[str, int] | None = None,
         on_ready: Callable[[], None] | None = None,
+        sources: Sources | None = None,
     ) -> None:
         self.path = Path(path)
+        #: What the CLI already read and checked; read here otherwise. Reloads always re-read.
+        self._initial = sources
         #: Worker processes share listeners (SO_REUSEPORT); routes written with listening port 0
         #: get the port the supervisor picked for all of them, so every worker binds the same one.
         self.reuse_port = reuse_port
@@ -70,15 +75,19 @@ class LiveServer:
         self._watched: frozenset[str] = frozenset()
         self._watcher: asyncio.Task[None] | None = None
         self._stop_watching = asyncio.Event()
+        self._hurry = asyncio.Event()
 
     def request_reload(self) -> None:
         """Re-read the files (and re-merge providers) soon; safe to call from a signal handler."""
         self._files_dirty = True
         self._wake.set()
 
-    async def run(self, stop: asyncio.Event, *, shutdown_grace: float) -> None:
-        """Start everything, reload on demand until `stop` is set, then shut down gracefully."""
-        self.sources = load_sources(self.path)
+    async def run(self, stop: asyncio.Event, *, shutdown_grace: float | None = None) -> None:
+        """Start everything, reload on demand until `stop` is set, then shut down gracefully.
+
+        `shutdown_grace` is ``--grace``: None means the file's ``grace_period``.
+        """
+        self.sources = self._initial if self._initial is not None else load_config(self.path)
         self.server = Server(self._wanted(), reuse_port=self.reuse_port)
         await self.server.start()  # the file's routes, all or nothing; Docker routes follow
         try:
@@ -87,7 +96,13 @@ class LiveServer:
             loop = asyncio.get_running_loop()
             log.info(
                 "portway serving",
-                extra={"routes": len(self.server.streams), "loop": loop_name(loop), "action": "ready"},
+                extra={
+                    "routes": len(self.server.streams),
+                    "loop": loop_name(loop),
+                    "action": "ready",
+                    "version": __version__,
+                    "config": str(self.path),
+                },
             )
             self.ready.set()
             if self.on_ready is not None:
@@ -102,13 +117,55 @@ class LiveServer:
                 self._wake.clear()
                 await self._reload()
         finally:
-            log.info("shutting down", extra={"action": "shutdown", "grace_s": shutdown_grace})
             self._stop_watching.set()
             if self._watcher is not None:
                 self._watcher.cancel()
                 await asyncio.gather(self._watcher, return_exceptions=True)
             await asyncio.gather(*(p.stop() for p in self.providers.values()), return_exceptions=True)
-            await self.server.stop(shutdown_grace)
+            await self._shut_down(shutdown_grace)
+
+    def hurry(self) -> None:
+        """A second SIGINT/SIGTERM: stop waiting for live connections and close them now."""
+        self._hurry.set()
+
+    async def _shut_down(self, override: float | None) -> None:
+        """Stop accepting, give live connections the grace period, and close what is left.
+
+        One rule for the grace period: the file's ``grace_period`` (as last loaded) unless
+        ``--grace`` overrides it for shutdown. A second signal (`hurry`) ends the wait at once.
+        """
+        assert self.server is not None
+        grace = override if override is not None else self._file_grace()
+        # Everything that may still hold connections: the routes, and those a reload is draining
+        # (read before stop() takes them over, so a second signal can close them all).
+        streams = [*self.server.streams.values(), *self.server._draining.values()]
+        tcp = sum(len(s.conns) for s in streams if isinstance(s, TCPStream))
+        udp = sum(len(s.sessions) for s in streams if not isinstance(s, TCPStream))
+        log.info(
+            "shutting down",
+            extra={
+                "action": "shutdown",
+                "grace_s": grace,
+                "grace_from": "--grace" if override is not None else "grace_period",
+                "waiting_for": tcp,
+                "udp_sessions_closed": udp,
+            },
+        )
+        stopping = asyncio.get_running_loop().create_task(self.server.stop(grace))
+        hurried = asyncio.get_running_loop().create_task(self._hurry.wait())
+        await asyncio.wait({stopping, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        hurried.cancel()
+        if not stopping.done():
+            live = sum(len(s.conns) for s in streams if isinstance(s, TCPStream))
+            log.warning(
+                "second signal: closing live connections now", extra={"action": "shutdown", "live": live}
+            )
+            # Closing ends every connection, which ends each drain; stop() then finishes normally.
+            await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
+        await stopping
+
+    def _file_grace(self) -> float:
+        return self.sources.config.grace_period if self.sources is not None else 0.0
 
     async def wait_for(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
         """Return once `predicate()` holds after some reload (or already does)."""
@@ -123,7 +180,7 @@ class LiveServer:
         if self._files_dirty:
             self._files_dirty = False
             try:
-                sources = load_sources(self.path)
+                sources = load_config(self.path)
             except ConfigError as exc:
                 log.error(
                     f"reload refused, the running routes are unchanged: {exc}",
@@ -228,23 +285,41 @@ def _absolute(paths: tuple[Path, ...]) -> frozenset[str]:
 
 async def serve_live(
     path: str | Path,
-    shutdown_grace: float,
+    shutdown_grace: float | None = None,
     *,
     reuse_port: bool = False,
     port_overrides: Mapping[str, int] | None = None,
     on_ready: Callable[[], None] | None = None,
+    sources: Sources | None = None,
 ) -> None:
-    """Serve `path` until SIGINT/SIGTERM; reload on SIGHUP and whenever a config file changes."""
+    """Serve `path` until SIGINT/SIGTERM; reload on SIGHUP and whenever a config file changes.
+
+    `sources` is `path` as already read (the CLI reads and checks it once, before forking workers).
+    `shutdown_grace` (``--grace``) overrides the file's ``grace_period`` for shutdown; a second
+    SIGINT/SIGTERM during the grace period closes the remaining connections at once.
+    """
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(LoopErrorLog())  # e.g. accept() out of descriptors: once per burst
     stop = asyncio.Event()
-    app = LiveServer(path, reuse_port=reuse_port, port_overrides=port_overrides, on_ready=on_ready)
+    app = LiveServer(
+        path, reuse_port=reuse_port, port_overrides=port_overrides, on_ready=on_ready, sources=sources
+    )
+
+    def stop_signal() -> None:
+        if stop.is_set():
+            app.hurry()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop_signal)
     loop.add_signal_handler(signal.SIGHUP, app.request_reload)
     try:
         await app.run(stop, shutdown_grace=shutdown_grace)
     finally:
+        # Out before the signal handlers go back to their defaults: a late SIGTERM from then on
+        # ends the process at once, and batched lines ("route stopped") would be lost with it.
+        for handler in logging.getLogger("portway").handlers:
+            handler.flush()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)

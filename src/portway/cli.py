@@ -17,13 +17,14 @@ from typing import Any, NoReturn
 import click
 
 from portway import __version__
-from portway.addr import family_of, format_hostport, is_udp
+from portway.addr import family_of, is_udp
 from portway.app import serve_live
-from portway.config.durations import format_duration
-from portway.config.load import load_config_file
+from portway.config.describe import describe
+from portway.config.load import Sources, load_config
+from portway.config.preflight import preflight
 from portway.config.schema import Config
-from portway.errors import ConfigError, PortwayError
-from portway.logs import LoopErrorLog, setup_logging
+from portway.errors import BindError, ConfigError, PortwayError
+from portway.logs import BatchingHandler, LoopErrorLog, setup_logging
 from portway.loops import loop_factory, loop_name
 from portway.server import Server
 from portway.stream.listen import bind_socket, listen_family
@@ -57,21 +58,47 @@ _loop = click.option(
 _grace = click.option(
     "--grace",
     type=float,
-    default=3.0,
-    show_default=True,
-    help="Seconds live connections get to finish after SIGTERM/SIGINT.",
+    default=None,
+    help="Seconds live connections get to finish after SIGTERM/SIGINT; overrides the file's "
+    "grace_period (default 10s) for shutdown only. A second signal stops at once.",
 )
 
 
 def _fail(exc: BaseException, status: int) -> NoReturn:
-    click.echo(f"portway: error: {exc}", err=True)
+    _report(exc, status=status)
     sys.exit(status)
+
+
+def _report(exc: BaseException, *, status: int | None = None, warning: bool = False) -> None:
+    """One line on stderr: ``portway: error: ...``, or a JSON log record under ``--log-format json``.
+
+    Log shippers reading JSON lines must see the one line that says why portway stopped.
+    """
+    root = logging.getLogger("portway")
+    handler = root.handlers[0] if len(root.handlers) == 1 else None
+    if not isinstance(handler, BatchingHandler) or handler.fmt != "json":
+        click.echo(f"portway: {'warning' if warning else 'error'}: {exc}", err=True)
+        return
+    fields: dict[str, object] = {"action": "check" if warning else "fatal"}
+    if status is not None:
+        fields["status"] = status
+    if isinstance(exc, ConfigError):
+        where = {"file": exc.file, "line": exc.line, "column": exc.column, "route": exc.route}
+        fields.update({k: v for k, v in where.items() if v is not None})
+        if exc.field is not None:
+            fields["field"] = exc.field
+        fields["error"] = exc.message
+    root.log(logging.WARNING if warning else logging.ERROR, str(exc), extra=fields)
+    handler.flush()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="portway")
 def main() -> None:
-    """portway: a small, fast, safe TCP/UDP stream proxy."""
+    """portway: a small, fast, safe TCP/UDP stream proxy.
+
+    Start with `portway check -c FILE`, then `portway serve -c FILE` (SIGHUP reloads).
+    """
 
 
 @main.command()
@@ -80,17 +107,29 @@ def main() -> None:
 @_log_level
 @_loop
 @_grace
-def serve(config_path: str, log_format: str, log_level: str, loop_kind: str | None, grace: float) -> None:
-    """Serve the routes in a config file until SIGINT or SIGTERM."""
+def serve(
+    config_path: str, log_format: str, log_level: str, loop_kind: str | None, grace: float | None
+) -> None:
+    """Serve the routes in a config file until SIGINT or SIGTERM.
+
+    \b
+    Reloads, keeping unchanged routes and their connections, when a config file
+    (or an included one) is saved or on SIGHUP:  kill -HUP <pid>
+    A reload that fails validation changes nothing and logs where the error is.
+    SIGINT/SIGTERM: stop accepting, let connections finish for grace_period
+    (or --grace); a second signal stops at once.
+    """
     setup_logging(log_level, log_format)  # type: ignore[arg-type]
     try:
-        config = load_config_file(config_path)
+        sources = load_config(config_path)
         factory = loop_factory(loop_kind)
     except (ConfigError, ValueError) as exc:
         _fail(exc, EXIT_CONFIG)
-    workers = config.workers or cpu_count()
+    _preflight_or_fail(sources, offline=False)
+    config = sources.config
+    workers = config.workers if config.workers is not None else cpu_count()
     if workers == 1:
-        _run(factory, lambda: serve_live(config_path, grace))
+        _run(factory, lambda: serve_live(config_path, grace, sources=sources))
         return
     try:
         overrides = reserve_listeners(config)
@@ -109,23 +148,41 @@ def serve(config_path: str, log_format: str, log_level: str, loop_kind: str | No
         return _run(
             factory,
             lambda: serve_live(
-                config_path, grace, reuse_port=True, port_overrides=overrides, on_ready=serving
+                config_path,
+                grace,
+                reuse_port=True,
+                port_overrides=overrides,
+                on_ready=serving,
+                sources=sources,
             ),
             exit_on_error=False,
         )
 
-    sys.exit(Supervisor(workers, worker, grace=grace).run())
+    # The supervisor waits this long (plus a margin) before killing a worker that will not stop.
+    shutdown_grace = grace if grace is not None else config.grace_period
+    sys.exit(Supervisor(workers, worker, grace=shutdown_grace).run())
 
 
 @main.command()
 @click.option("-c", "--config", "config_path", required=True, help="The YAML file of routes.")
-def check(config_path: str) -> None:
-    """Validate a config file and print its routes."""
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="A target name that does not resolve is a warning, not an error (checking away from its DNS).",
+)
+def check(config_path: str, offline: bool) -> None:
+    """Validate a config file as strictly as `serve` would, and print what it will run.
+
+    Opens the GeoIP databases and ACL log files and resolves every target name, as serve does
+    before listening; binds nothing.
+    """
     try:
-        config = load_config_file(config_path)
+        sources = load_config(config_path)
     except ConfigError as exc:
         _fail(exc, EXIT_CONFIG)
-    click.echo(format_routes(config))
+    _preflight_or_fail(sources, offline=offline)
+    config = sources.config
+    click.echo(describe(config))
     click.echo(f"\n{config_path}: {len(config.routes)} route(s), OK")
 
 
@@ -161,7 +218,11 @@ async def _demo(tcp_port: int, udp_port: int) -> None:
     tcp_target, udp_target = await targets.start()
     server = Server(demo_config(tcp_port, udp_port, tcp_target, udp_target))
     try:
-        await server.start()
+        try:
+            await server.start()
+        except BindError as exc:
+            option = "--udp-port" if "'demo-udp'" in str(exc) else "--tcp-port"
+            raise BindError(f"{exc} (pick another port with `portway demo {option} PORT`)") from None
         tcp, udp = server.streams["demo-tcp"].local_addr, server.streams["demo-udp"].local_addr
         assert tcp is not None and udp is not None
         log.info("portway serving", extra={"routes": 2, "loop": loop_name(loop), "action": "ready"})
@@ -173,23 +234,15 @@ async def _demo(tcp_port: int, udp_port: int) -> None:
         await targets.stop()
 
 
-def format_routes(config: Config) -> str:
-    rows = [("ROUTE", "SCHEME", "LISTEN", "TARGET", "OPTIONS")]
-    for name, r in config.routes.items():
-        if is_udp(r.scheme):
-            opts = f"idle={format_duration(r.udp_idle_timeout)} max_sessions={r.udp_max_sessions}"
-        else:
-            opts = f"connect_timeout={format_duration(r.connect_timeout)}"
-            if r.idle_timeout:
-                opts += f" idle={format_duration(r.idle_timeout)}"
-        listen = format_hostport(r.listen_host(), r.port.listening) + (
-            " (any free port)" if not r.port.listening else ""
-        )
-        rows.append((name, r.scheme, listen, format_hostport(r.host, r.port.target), opts))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join(
-        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4] for row in rows
-    )
+def _preflight_or_fail(sources: Sources, *, offline: bool) -> None:
+    """What serve would refuse before listening: every problem on its own line, then exit 2."""
+    found = preflight(sources, offline=offline)
+    for warning in found.warnings:
+        _report(warning, warning=True)
+    if found.errors:
+        for error in found.errors[:-1]:
+            _report(error, status=EXIT_CONFIG)
+        _fail(found.errors[-1], EXIT_CONFIG)
 
 
 def _run(
@@ -212,7 +265,7 @@ def _run(
     if status and exit_on_error:
         _fail(error, status)
     elif status:
-        click.echo(f"portway: error: {error}", err=True)
+        _report(error, status=status)
     return status
 
 

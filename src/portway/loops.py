@@ -2,7 +2,8 @@
 
 uvloop runs the transports' reads, writes and buffering in C; stock asyncio does them in Python
 and is several times slower on the datagram path (see bench/README.md). Both must work: the test
-suite runs under each (PORTWAY_LOOP=asyncio|uvloop).
+suite runs every async test under each (PORTWAY_TEST_LOOPS=asyncio,uvloop picks them; see
+tests/conftest.py). PORTWAY_LOOP, read below, is the CLI's default when --loop is not given.
 """
 
 from __future__ import annotations

@@ -103,6 +103,10 @@ class Supervisor:
             os.close(ready_r)
             status = 1
             try:
+                # A process group of its own: a Ctrl-C (or `kill -TERM -PGID`, or `timeout`) reaches
+                # only the supervisor, which passes it on once. Reaching a worker twice, the same
+                # signal would count as the second one, "stop now", and skip the grace period.
+                os.setpgid(0, 0)
                 for sig in (*_FORWARDED, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
                 os.close(self._wake_r)
@@ -199,15 +203,26 @@ class Supervisor:
                 os.kill(pid, signum)
 
     def _stop_all(self, signum: int) -> None:
+        """Signal every worker and reap them; a second SIGTERM/SIGINT is passed on at once.
+
+        Each worker treats the second signal as "stop now" (it closes its live connections
+        instead of waiting out the grace period), so the whole group stops promptly.
+        """
         self._signal_all(signum)
+        self._signals.clear()
         deadline = time.monotonic() + self.grace + 5.0
         while self.workers and time.monotonic() < deadline:
+            if any(s in (signal.SIGTERM, signal.SIGINT) for s in self._signals):
+                self._signals.clear()
+                log.warning("second signal: workers stop now", extra={"action": "shutdown"})
+                self._signal_all(signal.SIGTERM)
             try:
                 pid, _status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
-                _select([self._wake_r], 0.05)
+                if _select([self._wake_r], 0.05):
+                    os.read(self._wake_r, 4096)  # a signal or SIGCHLD: look again at once
                 continue
             worker = self.workers.pop(pid, None)
             if worker is not None:

@@ -56,12 +56,14 @@ def fold_links(routes: Mapping[str, RouteConfig]) -> Folded:
     """Replace every group of linked routes by one pool route named after the link."""
     out = Folded()
     groups: dict[str, list[str]] = {}
-    for name in sorted(routes):
-        link = routes[name].load_balance.link
+    for name, route in routes.items():  # unlinked routes keep the order they were written in
+        link = route.load_balance.link
         if link is None:
-            out.routes[name] = routes[name]
+            out.routes[name] = route
         else:
             groups.setdefault(link, []).append(name)
+    for names in groups.values():
+        names.sort()
     for link, names in groups.items():
         if link in out.routes:
             out.problems.append(

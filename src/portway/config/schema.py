@@ -225,6 +225,7 @@ class RouteConfig(_Model):
     @field_validator("host")
     @classmethod
     def _host_family(cls, value: str, info: ValidationInfo) -> str:
+        _refuse_port_in_host(value)
         value = value.strip("[]")
         scheme = info.data.get("scheme")
         fam = ip_family(value)
@@ -275,6 +276,21 @@ class RouteConfig(_Model):
         return "0.0.0.0" if fam == socket.AF_INET else "::"
 
 
+def _refuse_port_in_host(value: str) -> None:
+    """``host: 127.0.0.1:22`` is the most common slip; caught here, not as a traceback at bind time."""
+    if value.startswith("["):
+        inner, sep, rest = value[1:].partition("]")
+        host, port = (inner, rest[1:]) if sep and rest.startswith(":") else ("", "")
+    elif ip_family(value) is None:
+        host, _, port = value.rpartition(":")
+    else:
+        return  # an IPv6 literal: its colons are not a port
+    if host and port:
+        raise ValueError(
+            f"{value!r} includes a port: write host: {host} and put the port ({port}) in `port:`"
+        )
+
+
 def _family_name(family: int) -> str:
     return "IPv4" if family == socket.AF_INET else "IPv6"
 
@@ -290,7 +306,12 @@ class ProvidersConfig(_Model):
 
 def _workers(value: Any) -> Any:
     if isinstance(value, str) and value.strip().lower() == "auto":
-        return 0
+        return None
+    if value is None:
+        raise ValueError("workers is a number of processes, or `auto` for one worker per CPU")
+    if isinstance(value, str | int) and str(value).strip() == "0":
+        # 0 once meant "one per CPU"; a silent fork bomb on a big machine is worse than an error.
+        raise ValueError("0 workers would serve nothing: use `auto` for one worker per CPU")
     return value
 
 
@@ -301,8 +322,8 @@ class Config(_Model):
     acl: AclConfig | None = None
     entrypoint: EntrypointConfig = Field(default_factory=EntrypointConfig)
     providers: ProvidersConfig = Field(default_factory=ProvidersConfig)
-    #: Worker processes sharing each listener (SO_REUSEPORT); "auto" (stored as 0) = one per CPU.
-    workers: Annotated[int, BeforeValidator(_workers), Field(ge=0, le=256)] = 1
+    #: Worker processes sharing each listener (SO_REUSEPORT); "auto" (stored as None) = one per CPU.
+    workers: Annotated[Annotated[int, Field(ge=1, le=256)] | None, BeforeValidator(_workers)] = 1
     #: How long removed or changed routes let live connections finish on reload or shutdown.
     grace_period: Duration = 10.0
 

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# load.py imports this module lazily (only when a config has includes), so no import cycle.
-from portway.config.load import check_listen_conflicts, read_config_file, validate_config
 from portway.config.schema import Config
+from portway.config.validate import check_listen_conflicts, read_config_file, validate_config
 from portway.config.yamlload import Document, Mark, load_yaml
 from portway.errors import ConfigError
 
-__all__ = ["Sources", "load_sources", "with_includes"]
+__all__ = ["Sources", "with_includes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,16 +32,19 @@ class Sources:
     origins: dict[str, str]
     #: the main file first, then every included file: what a reload watches
     files: tuple[Path, ...]
+    #: the main file's document, for locating top-level settings (``acl``, ``entrypoint``)
+    main: Document
+    #: route name -> the document it was written in, its paths starting ("routes", name, ...)
+    documents: dict[str, Document]
 
-
-def load_sources(path: str | Path) -> Sources:
-    """Read the main file at `path` and its includes; raise one located ``ConfigError``."""
-    path = Path(path)
-    doc = load_yaml(read_config_file(path), str(path))
-    data = doc.data if doc.data is not None else {}
-    if not isinstance(data, dict):
-        raise ConfigError("the top level must be a mapping (e.g. `routes:`)", file=str(path), line=1)
-    return with_includes(validate_config(data, doc), doc)
+    def locate(self, error: ConfigError, path: tuple[str | int, ...]) -> ConfigError:
+        """`error` with the file, line and column of `path` (under its route, when it names one)."""
+        doc = self.documents.get(error.route, self.main) if error.route is not None else self.main
+        full = ("routes", error.route, *path) if error.route is not None else path
+        mark = doc.mark_of(full)
+        return error.located(
+            file=doc.source, line=mark.line if mark else None, column=mark.column if mark else None
+        )
 
 
 def with_includes(config: Config, doc: Document) -> Sources:
@@ -54,6 +56,7 @@ def with_includes(config: Config, doc: Document) -> Sources:
     marks: dict[str, tuple[str, Mark | None]] = {
         name: (main, doc.mark_of(("routes", name, "port"))) for name in routes
     }
+    documents = dict.fromkeys(routes, doc)
     files = [Path(main)]
     for index, written in enumerate(config.providers.include):
         where = doc.mark_of(("providers", "include", index))
@@ -76,6 +79,7 @@ def with_includes(config: Config, doc: Document) -> Sources:
                 )
             routes[name] = route
             origins[name] = included.source
+            documents[name] = sub_doc
             marks[name] = (included.source, included.mark_of((name, "port")))
     merged = config.model_copy(update={"routes": routes})
     try:
@@ -83,7 +87,7 @@ def with_includes(config: Config, doc: Document) -> Sources:
     except ConfigError as exc:
         source, mark = marks.get(exc.route or "", (main, None))
         raise exc.located(file=source, line=mark.line if mark else None) from None
-    return Sources(merged, origins, tuple(files))
+    return Sources(merged, origins, tuple(files), doc, documents)
 
 
 def _load_include(path: Path, main: str, where: Mark | None) -> Document:

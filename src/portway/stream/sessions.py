@@ -1,6 +1,7 @@
 """The UDP session table: one entry per client address, bounded, swept for idleness.
 
-Pure bookkeeping with no sockets, so its rules (capacity, expiry) are tested on their own.
+Pure bookkeeping with no sockets, so its rules (capacity, expiry) are tested on their own, with
+property tests against a model, in tests/test_sessions.py.
 Sessions count idle sweeps instead of reading a clock per datagram: the hot path only stores a
 zero, and the sweeper does the counting.
 """
