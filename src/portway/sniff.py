@@ -414,10 +414,12 @@ def normalize_http_host(value: str) -> str:
     if value.startswith("["):
         literal, bracket, port = value[1:].partition("]")
         try:
-            address = ipaddress.IPv6Address(literal)
+            address = ipaddress.IPv6Address(literal if bracket else "-")
         except ValueError:
             raise SniffError("HTTP Host has a bad IPv6 literal") from None
-        if not bracket or (port and not _is_port(port[1:], port[0])):
+        if address.scope_id is not None:
+            raise SniffError("HTTP Host has a bad IPv6 literal")
+        if port and not _is_port(port[1:], port[0]):
             raise SniffError("HTTP Host has a bad port")
         return f"[{address.compressed}]"
     host, colon, port = value.partition(":")
@@ -546,12 +548,24 @@ class Sniffer:
         self._outcome = outcome
         return outcome
 
+    def _undecided_wanted(self) -> int:
+        """A TLS prefix already says how long its first record is: wait for all of it at once."""
+        if self.want_hello and self._buffer[:1] == b"\x16":
+            try:
+                hello = parse_client_hello(self._buffer)
+            except SniffError:
+                pass
+            else:
+                if isinstance(hello, NeedMore):
+                    return hello.wanted
+        return len(self._buffer) + 1
+
     def _step(self, final: str | None) -> Sniffed | SniffError | None:
         buffer = self._buffer
         if self._protocol is None:
             self._protocol = classify(buffer)
             if self._protocol is None:
-                self._wanted = len(buffer) + 1
+                self._wanted = self._undecided_wanted()
                 return self._done(Sniffed("unknown")) if final else None
         protocol = self._protocol
         if protocol == "tls" and self.want_hello:
