@@ -207,16 +207,16 @@ def _check_record_header(header: bytes | bytearray | memoryview) -> None:
     """Raise for a (possibly partial) record header that cannot start a ClientHello record."""
     if len(header) >= 1 and header[0] != _CONTENT_HANDSHAKE:
         raise SniffError(f"TLS record type {header[0]} is not a handshake")
-    if len(header) >= 3 and (header[1] != 3 or not 1 <= header[2] <= 4):
-        raise SniffError(f"TLS record version 0x{header[1]:02x}{header[2]:02x} is not 0x0301-0x0304")
+    if len(header) >= 2 and header[1] != 3:
+        raise SniffError(f"TLS record version 0x{header[1]:02x}.. is not 0x0301-0x0304")
+    if len(header) >= 3 and not 1 <= header[2] <= 4:
+        raise SniffError(f"TLS record version 0x03{header[2]:02x} is not 0x0301-0x0304")
     if len(header) >= 5:
         length = header[3] << 8 | header[4]
         if length == 0:
             raise SniffError("empty TLS handshake record")
         if length > _MAX_RECORD:
             raise SniffError(f"TLS record of {length} bytes is over 16384")
-    elif len(header) >= 2 and header[1] != 3:
-        raise SniffError(f"TLS record version 0x{header[1]:02x}.. is not 0x0301-0x0304")
 
 
 def parse_client_hello(data: bytes | bytearray | memoryview) -> ClientHello | NeedMore:
