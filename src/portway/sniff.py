@@ -68,10 +68,11 @@ __all__ = [
     "is_dns_name",
     "normalize_http_host",
     "parse_client_hello",
+    "parse_handshake_client_hello",
     "parse_http_host",
 ]
 
-Protocol = Literal["tls", "ssh", "http", "unknown"]
+Protocol = Literal["tls", "ssh", "http", "quic", "unknown"]
 
 HANDSHAKE_LIMIT: Final = 16 * 1024
 MAX_HELLO_RECORDS: Final = 64
@@ -113,7 +114,8 @@ class SniffError(PortwayError):
 
 @dataclass(frozen=True, slots=True)
 class Sniffed:
-    """What the first bytes said; the input of `portway.matching.MatchTable.choose`."""
+    """What the first bytes said; the input of `portway.matching.MatchTable.choose`.
+    ``quic`` (a QUIC v1 Initial on UDP, with `sni`/`alpn`) only ever comes from `portway.quic`."""
 
     protocol: Protocol
     sni: str | None = None
@@ -259,6 +261,24 @@ def parse_client_hello(data: bytes | bytearray | memoryview) -> ClientHello | Ne
         pos = end
     message = _gather(view, records, need)
     return _parse_hello_body(message, length=pos, records=records)
+
+
+def parse_handshake_client_hello(stream: bytes | bytearray) -> ClientHello | NeedMore:
+    """Parse a ClientHello from bare handshake-layer bytes, with no TLS records around them: the
+    CRYPTO stream of a QUIC Initial (RFC 9001 §4). Same bounds and errors as `parse_client_hello`;
+    `length` is the handshake message's own length and `records` is 0."""
+    if len(stream) < 4:
+        if stream and stream[0] != _HANDSHAKE_CLIENT_HELLO:
+            raise SniffError(f"first TLS handshake message is type {stream[0]}, not a ClientHello")
+        return NeedMore(examined=len(stream), wanted=4)
+    if stream[0] != _HANDSHAKE_CLIENT_HELLO:
+        raise SniffError(f"first TLS handshake message is type {stream[0]}, not a ClientHello")
+    need = 4 + int.from_bytes(stream[1:4], "big")
+    if need > HANDSHAKE_LIMIT:
+        raise SniffError(f"ClientHello of {need} bytes is over the {HANDSHAKE_LIMIT}-byte limit")
+    if len(stream) < need:
+        return NeedMore(examined=len(stream), wanted=need)
+    return _parse_hello_body(bytes(stream[:need]), length=need, records=0)
 
 
 def _gather(view: memoryview, records: int, need: int) -> bytes:
