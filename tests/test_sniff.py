@@ -215,6 +215,26 @@ def test_oversized_hello_is_refused_before_its_bytes_arrive() -> None:
     assert "over the 16384-byte limit" in error(records(header + bytes(100)))
 
 
+@pytest.mark.parametrize("want_http_host", [False, True])
+def test_a_full_peek_buffer_always_decides(want_http_host: bool) -> None:
+    """The I/O edge never reads more than `limit`: by then every worst case has an outcome."""
+    worst = [
+        records(handshake([extension(9, bytes(HANDSHAKE_LIMIT))])[:HANDSHAKE_LIMIT], list(range(1, 64))),
+        records(
+            b"\x01" + (HANDSHAKE_LIMIT - 4).to_bytes(3, "big") + bytes(HANDSHAKE_LIMIT), list(range(1, 70))
+        ),
+        b"GET /" + b"a" * HELLO_PREFIX_LIMIT,
+        b"GET / HTTP/1.1\r\nX: " + b"a" * HELLO_PREFIX_LIMIT,
+        b"SSH-2.0-" + b"a" * HELLO_PREFIX_LIMIT,
+    ]
+    for stream in worst:
+        sniffer = Sniffer(want_hello=True, want_http_host=want_http_host)
+        assert sniffer.feed(stream[: sniffer.limit]) is not None
+        one_by_one = Sniffer(want_hello=True, want_http_host=want_http_host)
+        outcomes = [one_by_one.feed(stream[i : i + 1]) for i in range(one_by_one.limit)]
+        assert outcomes[-1] is not None
+
+
 def test_too_many_records() -> None:
     message = handshake([sni_extension(b"x.test")])
     stream = records(message, list(range(1, MAX_HELLO_RECORDS + 1)))

@@ -236,13 +236,13 @@ def parse_client_hello(data: bytes | bytearray | memoryview) -> ClientHello | Ne
     need = 0  # handshake bytes the hello occupies (header included), once its header is in
     records = 0
     while not need or have < need:
+        if records == MAX_HELLO_RECORDS:
+            raise SniffError(f"ClientHello spread over more than {MAX_HELLO_RECORDS} records")
         if size - pos < 5:
             _check_record_header(view[pos:])
             return NeedMore(examined=size, wanted=pos + 5)
         _check_record_header(view[pos : pos + 5])
         records += 1
-        if records > MAX_HELLO_RECORDS:
-            raise SniffError(f"ClientHello spread over more than {MAX_HELLO_RECORDS} records")
         end = pos + 5 + (view[pos + 3] << 8 | view[pos + 4])
         chunk = min(end, size) - pos - 5
         if not need:
