@@ -210,6 +210,13 @@ def test_errors() -> None:
     expect_error(QuicSniffer().feed(truncated_frame), "runs past its packet")
 
 
+def test_frame_count_is_bounded() -> None:
+    assert crypto_frames(b"\x01\x00\x00\x00" * 128) == []
+    with pytest.raises(SniffError, match="more than 256 frames"):
+        crypto_frames(b"\x01\x00" * 200)
+    expect_error(QuicSniffer().feed(protect(b"\x01" * 300)), "more than 256 frames")
+
+
 def test_stalling_client_is_bounded() -> None:
     sniffer = QuicSniffer()
     for number in range(MAX_INITIAL_DATAGRAMS):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -67,6 +68,11 @@ _MIN_CLIENT_DCID: Final = 8  # RFC 9000 §7.2: a client's first DCID is at least
 
 _FRAME_PADDING, _FRAME_PING, _FRAME_ACK, _FRAME_ACK_ECN = 0x00, 0x01, 0x02, 0x03
 _FRAME_CRYPTO, _FRAME_CLOSE = 0x06, 0x1C
+# Real clients send a handful of frames per Initial (Chrome scatters a few CRYPTO, PING and PADDING
+# runs); the cap keeps a valid but hostile 64 KiB datagram of 1-byte frames from costing a Python
+# loop turn per byte.
+_MAX_FRAMES: Final = 256
+_ZEROS: Final = re.compile(rb"\x00*")  # a run of PADDING frames, skipped without copying
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,12 +217,20 @@ def crypto_frames(payload: bytes) -> list[tuple[int, bytes]]:
     """The (offset, data) of every CRYPTO frame in a decrypted Initial payload.
 
     PADDING, PING, ACK and CONNECTION_CLOSE are skipped; any other frame type is not allowed in an
-    Initial packet (RFC 9000 §12.4, table 3) and is an error."""
+    Initial packet (RFC 9000 §12.4, table 3) and is an error, as are more than 256 frames (a run
+    of PADDING counts once)."""
     frames: list[tuple[int, bytes]] = []
     pos = 0
+    count = 0
     while pos < len(payload):
+        count += 1
+        if count > _MAX_FRAMES:
+            raise SniffError(f"QUIC Initial with more than {_MAX_FRAMES} frames")
         kind, pos = _varint(payload, pos, "frame type")
-        if kind in (_FRAME_PADDING, _FRAME_PING):
+        if kind == _FRAME_PADDING:  # each zero byte is a frame; a 1200-byte Initial is mostly these
+            pos = _ZEROS.match(payload, pos).end()  # type: ignore[union-attr]  # always matches
+            continue
+        if kind == _FRAME_PING:
             continue
         if kind in (_FRAME_ACK, _FRAME_ACK_ECN):
             for what in ("ACK largest", "ACK delay"):
