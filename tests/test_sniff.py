@@ -230,6 +230,8 @@ def test_a_full_peek_buffer_always_decides(want_http_host: bool) -> None:
     for stream in worst:
         sniffer = Sniffer(want_hello=True, want_http_host=want_http_host)
         assert sniffer.feed(stream[: sniffer.limit]) is not None
+        huge = Sniffer(want_hello=True, want_http_host=want_http_host)
+        assert huge.feed(stream + bytes(1 << 20)) is not None and huge.seen <= huge.limit
         one_by_one = Sniffer(want_hello=True, want_http_host=want_http_host)
         outcomes = [one_by_one.feed(stream[i : i + 1]) for i in range(one_by_one.limit)]
         assert outcomes[-1] is not None

@@ -9,7 +9,7 @@ and whatever was looked at is forwarded to the chosen target unchanged.
         ...wait for at least sniffer.peek_needed() bytes in total, or peek_timeout -> sniffer.expired()
     # outcome: Sniffed -> MatchTable.choose(outcome); SniffError -> log outcome.reason, close
 
-`feed` takes only new bytes (the sniffer keeps its own copy, at most `Sniffer.limit` bytes); a
+`feed` takes only new bytes (the sniffer keeps its own copy of at most `Sniffer.limit` bytes); a
 caller that peeks sees the whole prefix each time and feeds ``peeked[sniffer.seen:]``. With
 ``MSG_PEEK`` the socket stays readable while unread bytes sit in it, so the edge should set
 ``SO_RCVLOWAT`` to `peek_needed()` (or wait on a timer) rather than spin on readiness.
@@ -544,7 +544,7 @@ class Sniffer:
         """Add the next bytes of the stream. None: need more (see `peek_needed`)."""
         if self._outcome is not None:
             return self._outcome
-        self._buffer += data
+        self._buffer += data[: self.limit - len(self._buffer)]  # more can never be needed
         return self._step(None)
 
     def end_of_stream(self) -> Sniffed | SniffError:
@@ -606,7 +606,7 @@ class Sniffer:
                 self._wanted = len(buffer) + 1
                 if final:
                     return self._done(SniffError(f"{final} inside the HTTP header ({len(buffer)} bytes)"))
-                if len(buffer) > HTTP_HEAD_LIMIT:
+                if len(buffer) >= HTTP_HEAD_LIMIT:  # the blank line can no longer end in bounds
                     return self._done(SniffError(f"HTTP header longer than {HTTP_HEAD_LIMIT} bytes"))
                 return None
             if end > HTTP_HEAD_LIMIT:
