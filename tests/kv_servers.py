@@ -1,0 +1,210 @@
+"""Real key-value stores for the provider tests: a three-member etcd cluster and a redis-server.
+
+Both listen on free 127.0.0.1 ports and keep their data in a temporary directory. They are
+started with plain (blocking) code because the fixtures that own them are module-scoped: one
+cluster serves every test of a module, which keeps the suite fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+ETCD = "/usr/bin/etcd"
+REDIS = "/usr/bin/redis-server"
+START_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def require(binary: str, package: str) -> str:
+    found = shutil.which(binary)
+    if found is None:
+        pytest.skip(f"{binary} is missing (Debian package {package})")
+    return found
+
+
+@dataclass
+class EtcdMember:
+    name: str
+    client_url: str
+    peer_url: str
+    data_dir: Path
+    args: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+
+def _post(url: str, body: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as reply:
+        data: dict[str, Any] = json.loads(reply.read())
+        return data
+
+
+def _b64(text: str | bytes) -> str:
+    return base64.b64encode(text.encode() if isinstance(text, str) else text).decode()
+
+
+class EtcdCluster:
+    """Three etcd members on loopback; `put`/`delete`/`compact` go through whichever member answers."""
+
+    def __init__(self, root: Path) -> None:
+        self.binary = require("etcd", "etcd-server")
+        token = f"portway-test-{uuid.uuid4().hex[:8]}"
+        self.members = [
+            EtcdMember(
+                f"m{i}",
+                f"http://127.0.0.1:{free_port()}",
+                f"http://127.0.0.1:{free_port()}",
+                root / f"m{i}",
+            )
+            for i in range(3)
+        ]
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for m in self.members:
+            m.args = [
+                self.binary,
+                "--name", m.name,
+                "--data-dir", str(m.data_dir),
+                "--listen-client-urls", m.client_url,
+                "--advertise-client-urls", m.client_url,
+                "--listen-peer-urls", m.peer_url,
+                "--initial-advertise-peer-urls", m.peer_url,
+                "--initial-cluster", initial,
+                "--initial-cluster-state", "new",
+                "--initial-cluster-token", token,
+                "--log-level", "error",
+                "--logger", "zap",
+            ]  # fmt: skip
+        self.log = root / "etcd.log"
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.client_url for m in self.members]
+
+    def start(self) -> None:
+        for m in self.members:
+            self.start_member(m, wait=False)
+        for m in self.members:
+            self.wait_healthy(m)
+
+    def start_member(self, m: EtcdMember, *, wait: bool = True) -> None:
+        with self.log.open("ab") as out:
+            m.process = subprocess.Popen(m.args, stdout=out, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_healthy(m)
+
+    def wait_healthy(self, m: EtcdMember) -> None:
+        """Until the member serves a linearizable read (which needs a leader and a quorum)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert m.process is not None
+            if m.process.poll() is not None:
+                raise RuntimeError(f"etcd member {m.name} exited: {self.log.read_text()[-2000:]}")
+            try:
+                _post(f"{m.client_url}/v3/kv/range", {"key": _b64("health")}, timeout=1.0)
+                return
+            except (OSError, urllib.error.URLError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"etcd member {m.name} did not become healthy") from None
+                time.sleep(0.05)  # a process coming up: there is no event to wait for
+
+    def kill(self, m: EtcdMember) -> None:
+        assert m.process is not None
+        m.process.kill()
+        m.process.wait()
+
+    def pause(self, m: EtcdMember) -> None:
+        assert m.process is not None
+        m.process.send_signal(signal.SIGSTOP)
+
+    def stop(self) -> None:
+        for m in self.members:
+            if m.process is not None and m.process.poll() is None:
+                m.process.send_signal(signal.SIGCONT)
+                m.process.kill()
+                m.process.wait()
+
+    def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        last: Exception | None = None
+        for m in self.members:
+            if m.process is None or m.process.poll() is not None:
+                continue
+            try:
+                return _post(f"{m.client_url}{path}", body)
+            except (OSError, urllib.error.URLError) as exc:
+                last = exc
+        raise RuntimeError(f"no etcd member answered {path}: {last}")
+
+    def put(self, key: str, value: str | bytes) -> int:
+        reply = self._call("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
+        return int(reply["header"]["revision"])
+
+    def delete(self, key: str) -> int:
+        reply = self._call("/v3/kv/deleterange", {"key": _b64(key)})
+        return int(reply["header"]["revision"])
+
+    def compact(self, revision: int) -> None:
+        self._call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+
+
+class RedisServer:
+    """One redis-server on a free loopback port, no persistence."""
+
+    def __init__(self, root: Path) -> None:
+        self.binary = require("redis-server", "redis-server")
+        self.port = free_port()
+        self.root = root
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--dir", str(self.root)]
+        with (self.root / "redis.log").open("ab") as out:
+            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {(self.root / 'redis.log').read_text()[-2000:]}")
+            try:
+                if self.command("PING"):
+                    return
+            except (OSError, redis.ConnectionError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)  # a process coming up: there is no event to wait for
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def command(self, *args: str | bytes) -> Any:
+        """One command on a fresh connection (the server may have been restarted since the last)."""
+        with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2) as client:
+            return client.execute_command(*args)
