@@ -31,6 +31,7 @@ from portway.logs import LoopErrorLog
 from portway.loops import loop_name
 from portway.providers.docker import DockerProvider, docker_url, parse_provider_name
 from portway.providers.merge import merge_routes
+from portway.providers.stores import StoreProviders
 from portway.server import Server
 
 __all__ = ["LiveServer", "serve_live"]
@@ -61,6 +62,7 @@ class LiveServer:
         self.server: Server | None = None
         self.sources: Sources | None = None
         self.providers: dict[tuple[str, str, bool], DockerProvider] = {}
+        self.stores = StoreProviders(on_change=lambda: self._wake.set())  # etcd, Redis: after Docker
         #: Notified after every reload (applied or refused), for whoever waits in `wait_for`.
         self.reloaded = asyncio.Condition()
         #: Set once the file's routes listen and the providers and file watcher have started.
@@ -108,6 +110,7 @@ class LiveServer:
                 self._watcher.cancel()
                 await asyncio.gather(self._watcher, return_exceptions=True)
             await asyncio.gather(*(p.stop() for p in self.providers.values()), return_exceptions=True)
+            await self.stores.stop()
             await self.server.stop(shutdown_grace)
 
     async def wait_for(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
@@ -161,6 +164,7 @@ class LiveServer:
             [
                 (self.sources.config.routes, self.sources.origins),
                 *((p.current.routes, p.current.origins) for p in self.providers.values()),
+                *self.stores.sources(),
             ]
         )
         for problem in merged.problems:
@@ -186,6 +190,7 @@ class LiveServer:
             self.providers[key] = provider
             provider.start()
             log.info("docker provider started", extra={"provider": name, "url": url, "explicit": explicit})
+        self.stores.sync(self.sources.config.providers, self.path.parent)
 
     # -- watching files
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from portway.providers.kv import KVRouteTable, KVRoutes, Outage
+from portway.providers.kv import KVRoutes, KVRouteTable, Outage
 
 __all__ = ["EtcdProvider", "prefix_range_end"]
 
@@ -204,7 +204,7 @@ class EtcdProvider:
         try:
             password = self.password_file.read_text().rstrip("\r\n") if self.password_file else ""
         except OSError as exc:
-            raise _StoreError(f"cannot read password_file {str(self.password_file)!r}: {exc.strerror}") from None
+            raise _StoreError(f"cannot read password_file {self.password_file}: {exc.strerror}") from None
         body = {"name": self.username, "password": password}
         reply = await client.post(f"{endpoint}/v3/auth/authenticate", json=body, timeout=CALL_TIMEOUT_S)
         data = _json_reply(reply, "authenticate")

@@ -112,7 +112,8 @@ def _maybe_route(name: str, value: bytes, where: str) -> tuple[Any, str | None]:
         if not isinstance(data, dict):
             raise ConfigError("the value must be a YAML mapping of route fields, e.g. 'port: 2222:22'")
         # Validated as `routes: {name: ...}` of a file, so errors and "did you mean" hints are a file's.
-        sub = Document({"routes": {name: data}}, {("routes", name, *p): m for p, m in doc.marks.items()}, where)
+        marks = {("routes", name, *p): m for p, m in doc.marks.items()}
+        sub = Document({"routes": {name: data}}, marks, where)
         route = validate_config({"routes": {name: data}}, sub).routes[name]
     except ConfigError as exc:
         return None, f"{where}: {_describe(exc)}; skipped"
