@@ -7,8 +7,10 @@ cluster serves every test of a module, which keeps the suite fast.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
 import shutil
 import signal
 import socket
@@ -17,9 +19,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import redis
@@ -50,6 +53,11 @@ class EtcdMember:
     data_dir: Path
     args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
+    paused: bool = False
+
+    @property
+    def up(self) -> bool:
+        return self.process is not None and self.process.poll() is None and not self.paused
 
 
 def _post(url: str, body: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
@@ -129,14 +137,33 @@ class EtcdCluster:
                     raise RuntimeError(f"etcd member {m.name} did not become healthy") from None
                 time.sleep(0.05)  # a process coming up: there is no event to wait for
 
+    def member(self, endpoint: str) -> EtcdMember:
+        return next(m for m in self.members if m.client_url == endpoint)
+
     def kill(self, m: EtcdMember) -> None:
         assert m.process is not None
-        m.process.kill()
+        m.process.kill()  # SIGKILL works on a stopped process too
         m.process.wait()
+        m.paused = False
 
     def pause(self, m: EtcdMember) -> None:
+        """SIGSTOP: its connections stay open but nothing moves, like a member frozen mid-watch."""
         assert m.process is not None
         m.process.send_signal(signal.SIGSTOP)
+        m.paused = True
+
+    def revive(self) -> None:
+        """Start every member that is not running (same data dir: it rejoins), wait for all to serve."""
+        down = [m for m in self.members if m.process is None or m.process.poll() is not None]
+        for m in down:
+            self.start_member(m, wait=False)
+        for m in down:
+            self.wait_healthy(m)
+
+    def kill_all(self) -> None:
+        for m in self.members:
+            if m.process is not None and m.process.poll() is None:
+                self.kill(m)
 
     def stop(self) -> None:
         for m in self.members:
@@ -146,19 +173,35 @@ class EtcdCluster:
                 m.process.wait()
 
     def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Ask each running member in turn; a member just restarted may refuse for a moment."""
         last: Exception | None = None
-        for m in self.members:
-            if m.process is None or m.process.poll() is not None:
-                continue
-            try:
-                return _post(f"{m.client_url}{path}", body)
-            except (OSError, urllib.error.URLError) as exc:
-                last = exc
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            for m in self.members:
+                if not m.up:
+                    continue
+                try:
+                    return _post(f"{m.client_url}{path}", body)
+                except (OSError, urllib.error.URLError) as exc:
+                    last = exc
+            time.sleep(0.05)  # between rounds: an election in progress has no event to wait for
         raise RuntimeError(f"no etcd member answered {path}: {last}")
 
     def put(self, key: str, value: str | bytes) -> int:
         reply = self._call("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
         return int(reply["header"]["revision"])
+
+    def followers_first(self) -> list[str]:
+        """The endpoints with the raft leader last: pausing or killing the first member then needs
+        no election, so the test's own writes go through at once."""
+        status = self._call("/v3/maintenance/status", {})
+        leader = status["leader"]
+        ids = {
+            m.client_url: _post(f"{m.client_url}/v3/maintenance/status", {})["header"]["member_id"]
+            for m in self.members
+            if m.up
+        }
+        return sorted(self.endpoints, key=lambda e: ids.get(e) == leader)
 
     def delete(self, key: str) -> int:
         reply = self._call("/v3/kv/deleterange", {"key": _b64(key)})
@@ -208,3 +251,52 @@ class RedisServer:
         """One command on a fresh connection (the server may have been restarted since the last)."""
         with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2) as client:
             return client.execute_command(*args)
+
+
+class LogWatch(logging.Handler):
+    """Counts and awaits log records whose message contains a given text (on the loop's thread)."""
+
+    def __init__(self, logger: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.logger = logging.getLogger(logger)
+        self.messages: list[str] = []
+        self._waiters: list[tuple[str, asyncio.Future[None]]] = []
+
+    def __enter__(self) -> LogWatch:
+        self.logger.addHandler(self)
+        self.old_level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.old_level)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.messages.append(message)
+        for text, waiter in self._waiters:
+            if text in message and not waiter.done():
+                waiter.set_result(None)
+
+    def count(self, text: str) -> int:
+        return sum(text in m for m in self.messages)
+
+    async def wait(self, text: str, within: float = 5.0) -> None:
+        if self.count(text):
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((text, waiter))
+        async with asyncio.timeout(within):
+            await waiter
+
+
+class Followed(Protocol):
+    async def next_snapshot(self) -> None: ...
+
+
+async def until(provider: Followed, predicate: Callable[[], bool], within: float = 2.0) -> None:
+    """Return once `predicate()` holds, checking after each snapshot the provider applies."""
+    async with asyncio.timeout(within):
+        while not predicate():
+            await provider.next_snapshot()

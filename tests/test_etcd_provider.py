@@ -1,0 +1,179 @@
+"""The etcd provider against a real three-member cluster: follow, survive members and outages, compaction."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+import portway.providers.kv as kv
+from portway.app import LiveServer
+from portway.providers.etcd import EtcdProvider
+from tests.kv_servers import EtcdCluster, LogWatch, until
+from tests.targets import TCPEchoTarget
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    etcd = EtcdCluster(tmp_path_factory.mktemp("etcd"))
+    try:
+        etcd.start()
+        yield etcd
+    finally:
+        etcd.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """Each test its own prefix: the cluster is shared by the module."""
+    return f"/t-{uuid.uuid4().hex[:8]}/"
+
+
+@pytest.fixture
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outage tests need not wait out the 30 s back-off ceiling (its schedule is tested purely)."""
+    monkeypatch.setattr(kv, "BACKOFF_MAX_S", 0.5)
+
+
+@asynccontextmanager
+async def following(cluster: EtcdCluster, prefix: str) -> AsyncIterator[EtcdProvider]:
+    changes = asyncio.Event()
+    provider = EtcdProvider(cluster.followers_first(), prefix=prefix, on_change=changes.set)
+    provider.start()
+    try:
+        async with asyncio.timeout(5):
+            await provider.synced.wait()
+        yield provider
+    finally:
+        await provider.stop()
+
+
+def route(port: int, target: int = 22) -> str:
+    return f"bind: 127.0.0.1\nport: {port}:{target}\n"
+
+
+async def test_put_change_and_delete_arrive_within_two_seconds(cluster: EtcdCluster, prefix: str) -> None:
+    cluster.put(f"{prefix}routes/before", route(7100))
+    async with following(cluster, prefix) as p:
+        assert set(p.current.routes) == {"before"}, "the initial read"
+        assert p.current.origins["before"] == f"etcd key {prefix}routes/before"
+        cluster.put(f"{prefix}routes/web", route(7101))
+        await until(p, lambda: "web" in p.current.routes)
+        cluster.put(f"{prefix}routes/web", route(7102))
+        await until(p, lambda: p.current.routes["web"].port.listening == 7102)
+        cluster.delete(f"{prefix}routes/web")
+        await until(p, lambda: "web" not in p.current.routes)
+        cluster.put(f"{prefix}other/web", route(7103))  # not under routes/: ignored
+        cluster.put(f"{prefix}routes/last", route(7104))
+        await until(p, lambda: "last" in p.current.routes)
+        assert set(p.current.routes) == {"before", "last"}
+
+
+async def test_a_bad_key_is_logged_once_and_skipped(cluster: EtcdCluster, prefix: str) -> None:
+    with LogWatch("portway.etcd") as logs:
+        cluster.put(f"{prefix}routes/good", route(7110))
+        cluster.put(f"{prefix}routes/db", "port: 7111:nosuchservice\n")
+        async with following(cluster, prefix) as p:
+            assert set(p.current.routes) == {"good"}
+            cluster.put(f"{prefix}routes/more", route(7112))
+            await until(p, lambda: "more" in p.current.routes)
+            bad = f"etcd key {prefix}routes/db: field 'port' at line 1:"
+            assert logs.count(bad) == 1, logs.messages
+            cluster.put(f"{prefix}routes/db", route(7113))
+            await until(p, lambda: "db" in p.current.routes)
+    assert logs.count(bad) == 1
+
+
+async def test_one_member_killed_and_the_watch_goes_on(cluster: EtcdCluster, prefix: str) -> None:
+    async with following(cluster, prefix) as p:
+        watched = cluster.member(p.endpoint)
+        try:
+            cluster.kill(watched)
+            cluster.put(f"{prefix}routes/after", route(7120))
+            await until(p, lambda: "after" in p.current.routes)
+            assert p.endpoint != watched.client_url
+        finally:
+            await asyncio.to_thread(cluster.revive)
+
+
+async def test_a_watch_resumed_after_compaction_reads_everything_again(
+    cluster: EtcdCluster, prefix: str
+) -> None:
+    async with following(cluster, prefix) as p:
+        watched = cluster.member(p.endpoint)
+        cluster.pause(watched)  # the watch stalls: what happens next reaches the provider late
+        try:
+            cluster.put(f"{prefix}routes/one", route(7130))
+            revision = cluster.put(f"{prefix}routes/two", route(7131))
+            cluster.compact(revision)  # the history the watch would resume from is gone
+            with LogWatch("portway.etcd") as logs:
+                cluster.kill(watched)
+                await until(p, lambda: {"one", "two"} <= set(p.current.routes))
+            assert logs.count("compacted") == 1, logs.messages
+            cluster.put(f"{prefix}routes/three", route(7132))
+            await until(p, lambda: "three" in p.current.routes)
+        finally:
+            await asyncio.to_thread(cluster.revive)
+
+
+@pytest.mark.usefixtures("quick_retries")
+async def test_whole_store_down_keeps_routes_and_changes_after_restart_arrive(
+    cluster: EtcdCluster, prefix: str
+) -> None:
+    with LogWatch("portway.etcd") as logs:
+        cluster.put(f"{prefix}routes/kept", route(7140))
+        async with following(cluster, prefix) as p:
+            try:
+                cluster.kill_all()
+                await logs.wait("etcd unreachable")
+                assert set(p.current.routes) == {"kept"}, "the last good routes stay"
+            finally:
+                await asyncio.to_thread(cluster.revive)
+            cluster.put(f"{prefix}routes/new", route(7141))
+            await until(p, lambda: "new" in p.current.routes, within=5)
+            await logs.wait("etcd reachable again")
+    assert logs.count("etcd unreachable") == 1 and logs.count("etcd reachable again") == 1
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_live_server_serves_a_route_put_in_etcd(
+    tmp_path: Path, cluster: EtcdCluster, prefix: str, tcp_echo: TCPEchoTarget, both_tcp_engines: str
+) -> None:
+    main = tmp_path / "portway.yml"
+    endpoints = ", ".join(cluster.endpoints)
+    main.write_text(f"grace_period: 1s\nproviders:\n  etcd: {{endpoints: [{endpoints}], prefix: {prefix}}}\n")
+    app = LiveServer(main)
+    stop = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(app.run(stop, shutdown_grace=0.5))
+    try:
+        async with asyncio.timeout(5):
+            await app.ready.wait()
+        server = app.server
+        assert server is not None
+        listen = free_port()
+        echo = f"bind: 127.0.0.1\nhost: 127.0.0.1\nport: {listen}:{tcp_echo.port}\n"
+        cluster.put(f"{prefix}routes/echo", echo)
+        await app.wait_for(lambda: "echo" in server.streams, within=2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+        writer.write(b"first")
+        assert await asyncio.wait_for(reader.readexactly(5), 5) == b"first"
+        cluster.put(f"{prefix}routes/other", route(free_port(), tcp_echo.port))
+        await app.wait_for(lambda: "other" in server.streams, within=2)
+        writer.write(b"still")
+        assert await asyncio.wait_for(reader.readexactly(5), 5) == b"still", "an unrelated change kept it"
+        writer.close()
+        cluster.delete(f"{prefix}routes/echo")
+        await app.wait_for(lambda: "echo" not in server.streams, within=2)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
