@@ -14,6 +14,7 @@ import logging
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -60,11 +61,19 @@ class EtcdMember:
         return self.process is not None and self.process.poll() is None and not self.paused
 
 
-def _post(url: str, body: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as reply:
+def _post(
+    url: str,
+    body: dict[str, Any],
+    timeout: float = 2.0,
+    *,
+    context: ssl.SSLContext | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = token
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as reply:
         data: dict[str, Any] = json.loads(reply.read())
         return data
 
@@ -73,20 +82,72 @@ def _b64(text: str | bytes) -> str:
     return base64.b64encode(text.encode() if isinstance(text, str) else text).decode()
 
 
-class EtcdCluster:
-    """Three etcd members on loopback; `put`/`delete`/`compact` go through whichever member answers."""
+@dataclass(frozen=True)
+class TLSFiles:
+    """A private CA, a server certificate for 127.0.0.1, and a client certificate, made with openssl."""
 
-    def __init__(self, root: Path) -> None:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def make(cls, root: Path) -> TLSFiles:
+        openssl = require("openssl", "openssl")
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+        def run(*args: str) -> None:
+            subprocess.run([openssl, *args], check=True, capture_output=True, cwd=root)
+
+        run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test-ca")
+        # etcd's JSON gateway dials its own gRPC port with the server certificate: it needs clientAuth too.
+        leaves = (
+            ("server", "serverAuth,clientAuth", "subjectAltName=IP:127.0.0.1\n"),
+            ("client", "clientAuth", ""),
+        )
+        for name, usage, san in leaves:
+            ext = root / f"{name}.ext"
+            ext.write_text(
+                f"{san}extendedKeyUsage={usage}\nkeyUsage=critical,digitalSignature\n"
+                "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+            )
+            run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=test-{name}")
+            run(
+                "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", str(ext),
+            )  # fmt: skip
+        files = ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")
+        return cls(*(root / f for f in files))
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return context
+
+
+class EtcdCluster:
+    """etcd members on loopback (three by default); `put`/`delete`/`compact` go to whichever answers.
+
+    With `tls`, clients must connect over HTTPS with a certificate signed by its CA.
+    """
+
+    def __init__(self, root: Path, *, size: int = 3, tls: TLSFiles | None = None) -> None:
         self.binary = require("etcd", "etcd-server")
+        self.tls = tls
+        self.context = tls.client_context() if tls else None
+        #: Sent with every call once `enable_auth` has run.
+        self.token: str | None = None
         token = f"portway-test-{uuid.uuid4().hex[:8]}"
+        scheme = "https" if tls else "http"
         self.members = [
             EtcdMember(
                 f"m{i}",
-                f"http://127.0.0.1:{free_port()}",
+                f"{scheme}://127.0.0.1:{free_port()}",
                 f"http://127.0.0.1:{free_port()}",
                 root / f"m{i}",
             )
-            for i in range(3)
+            for i in range(size)
         ]
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         for m in self.members:
@@ -104,6 +165,9 @@ class EtcdCluster:
                 "--log-level", "error",
                 "--logger", "zap",
             ]  # fmt: skip
+            if tls is not None:
+                m.args += ["--cert-file", str(tls.server_cert), "--key-file", str(tls.server_key)]
+                m.args += ["--trusted-ca-file", str(tls.ca), "--client-cert-auth"]
         self.log = root / "etcd.log"
 
     @property
@@ -130,7 +194,7 @@ class EtcdCluster:
             if m.process.poll() is not None:
                 raise RuntimeError(f"etcd member {m.name} exited: {self.log.read_text()[-2000:]}")
             try:
-                _post(f"{m.client_url}/v3/kv/range", {"key": _b64("health")}, timeout=1.0)
+                _post(f"{m.client_url}/v3/kv/range", {"key": _b64("h")}, timeout=1.0, context=self.context)
                 return
             except (OSError, urllib.error.URLError):
                 if time.monotonic() > deadline:
@@ -181,7 +245,7 @@ class EtcdCluster:
                 if not m.up:
                     continue
                 try:
-                    return _post(f"{m.client_url}{path}", body)
+                    return _post(f"{m.client_url}{path}", body, context=self.context, token=self.token)
                 except (OSError, urllib.error.URLError) as exc:
                     last = exc
             time.sleep(0.05)  # between rounds: an election in progress has no event to wait for
@@ -196,11 +260,12 @@ class EtcdCluster:
         no election, so the test's own writes go through at once."""
         status = self._call("/v3/maintenance/status", {})
         leader = status["leader"]
-        ids = {
-            m.client_url: _post(f"{m.client_url}/v3/maintenance/status", {})["header"]["member_id"]
-            for m in self.members
-            if m.up
-        }
+        ids = {}
+        for m in self.members:
+            if m.up:
+                url = f"{m.client_url}/v3/maintenance/status"
+                reply = _post(url, {}, context=self.context, token=self.token)
+                ids[m.client_url] = reply["header"]["member_id"]
         return sorted(self.endpoints, key=lambda e: ids.get(e) == leader)
 
     def delete(self, key: str) -> int:
@@ -209,6 +274,24 @@ class EtcdCluster:
 
     def compact(self, revision: int) -> None:
         self._call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+
+    def enable_auth(self, root_password: str) -> None:
+        """Turn authentication on (etcd needs a root user first); later calls log in as root."""
+        self._call("/v3/auth/user/add", {"name": "root", "password": root_password})
+        self._call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        self._call("/v3/auth/enable", {})
+        login = self._call("/v3/auth/authenticate", {"name": "root", "password": root_password})
+        self.token = str(login["token"])
+
+    def add_reader(self, user: str, password: str, prefix: str) -> None:
+        """A user that may only read keys under `prefix`: what a portway instance needs."""
+        end = bytearray(prefix.encode())
+        end[-1] += 1
+        perm = {"permType": "READ", "key": _b64(prefix), "range_end": _b64(bytes(end))}
+        self._call("/v3/auth/role/add", {"name": f"{user}-role"})
+        self._call("/v3/auth/role/grant", {"name": f"{user}-role", "perm": perm})
+        self._call("/v3/auth/user/add", {"name": user, "password": password})
+        self._call("/v3/auth/user/grant", {"user": user, "role": f"{user}-role"})
 
 
 class RedisServer:

@@ -14,7 +14,7 @@ import pytest
 import portway.providers.kv as kv
 from portway.app import LiveServer
 from portway.providers.etcd import EtcdProvider
-from tests.kv_servers import EtcdCluster, LogWatch, until
+from tests.kv_servers import EtcdCluster, LogWatch, TLSFiles, until
 from tests.targets import TCPEchoTarget
 
 
@@ -177,3 +177,93 @@ async def test_live_server_serves_a_route_put_in_etcd(
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One member that serves HTTPS and wants a client certificate signed by its CA."""
+    root = tmp_path_factory.mktemp("etcd-tls")
+    etcd = EtcdCluster(root, size=1, tls=TLSFiles.make(root))
+    try:
+        etcd.start()
+        yield etcd
+    finally:
+        etcd.stop()
+
+
+@pytest.fixture(scope="module")
+def authed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """One member with authentication on and a user that may only read /secured/."""
+    etcd = EtcdCluster(tmp_path_factory.mktemp("etcd-auth"), size=1)
+    try:
+        etcd.start()
+        etcd.add_reader("portway", "reader-secret", "/secured/")
+        etcd.enable_auth("root-secret")
+        yield etcd
+    finally:
+        etcd.stop()
+
+
+async def test_tls_with_a_client_certificate(secured: EtcdCluster, prefix: str) -> None:
+    tls = secured.tls
+    assert tls is not None
+    secured.put(f"{prefix}routes/safe", route(7150))
+    provider = EtcdProvider(
+        secured.endpoints,
+        prefix=prefix,
+        on_change=lambda: None,
+        ca=tls.ca,
+        cert=tls.client_cert,
+        key=tls.client_key,
+    )
+    provider.start()
+    try:
+        async with asyncio.timeout(5):
+            await provider.synced.wait()
+        assert set(provider.current.routes) == {"safe"}
+        secured.put(f"{prefix}routes/watched", route(7151))
+        await until(provider, lambda: "watched" in provider.current.routes)
+    finally:
+        await provider.stop()
+
+
+def reader(cluster: EtcdCluster, prefix: str, password_file: Path) -> EtcdProvider:
+    return EtcdProvider(
+        cluster.endpoints,
+        prefix=prefix,
+        on_change=lambda: None,
+        username="portway",
+        password_file=password_file,
+    )
+
+
+async def test_username_and_password_file(authed: EtcdCluster, tmp_path: Path) -> None:
+    password = tmp_path / "password"
+    password.write_text("reader-secret\n")
+    prefix = f"/secured/{uuid.uuid4().hex[:8]}/"
+    authed.put(f"{prefix}routes/safe", route(7160))
+    provider = reader(authed, prefix, password)
+    provider.start()
+    try:
+        async with asyncio.timeout(5):
+            await provider.synced.wait()
+        assert set(provider.current.routes) == {"safe"}
+        authed.put(f"{prefix}routes/watched", route(7161))
+        await until(provider, lambda: "watched" in provider.current.routes)
+    finally:
+        await provider.stop()
+
+
+async def test_a_wrong_password_is_an_outage_that_says_why(authed: EtcdCluster, tmp_path: Path) -> None:
+    password = tmp_path / "password"
+    password.write_text("wrong\n")
+    provider = reader(authed, "/secured/", password)
+    with LogWatch("portway.etcd") as logs:
+        provider.start()
+        try:
+            await logs.wait("etcd unreachable")
+        finally:
+            await provider.stop()
+    [line] = [m for m in logs.messages if "unreachable" in m]
+    assert "authenticate: HTTP" in line and "authentication failed" in line, line
+    assert not provider.synced.is_set()

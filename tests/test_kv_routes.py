@@ -120,6 +120,10 @@ def test_redis_patterns_and_notification_flags() -> None:
         ("etcd: {endpoints: ['http://a:1'], prefix: /x}", "prefix '/x' must end with '/'"),
         ("etcd: {endpoints: ['http://a:1'], cert: c.pem}", "cert and key go together"),
         ("etcd: {endpoints: ['http://a:1'], username: u}", "username and password_file go together"),
+        (
+            "etcd: {endpoints: ['http://a:1'], username: u, password_file: p, cert: c, key: k}",
+            "use either username/password_file or a client certificate",
+        ),
         ("etcd: {endpoint: ['http://a:1']}", "unknown key 'endpoint' (did you mean 'endpoints'?)"),
         ("redis: {url: http://x}", "field 'providers.redis.url': url must be redis://"),
         ("redis: {url: 'redis://x', poll_interval: 0s}", "field 'providers.redis.poll_interval'"),

@@ -342,6 +342,12 @@ class EtcdConfig(_Model):
             raise ValueError("cert and key go together (the client certificate and its private key)")
         if (self.username is None) != (self.password_file is None):
             raise ValueError("username and password_file go together")
+        if self.username is not None and self.cert is not None:
+            # etcd's JSON gateway answers 400 to a request with a client certificate once auth is on.
+            raise ValueError(
+                "use either username/password_file or a client certificate (cert, key), not both: "
+                "etcd's HTTP gateway refuses client certificates when authentication is enabled"
+            )
         return self
 
 
