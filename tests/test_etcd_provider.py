@@ -171,6 +171,13 @@ async def test_live_server_serves_a_route_put_in_etcd(
         await app.wait_for(lambda: "other" in server.streams, within=2)
         writer.write(b"still")
         assert await asyncio.wait_for(reader.readexactly(5), 5) == b"still", "an unrelated change kept it"
+        # New settings for the same store: the routes stay while the new connection reads them.
+        reordered = list(reversed(cluster.endpoints))
+        main.write_text(main.read_text().replace(endpoints, ", ".join(reordered)))
+        await app.wait_for(lambda: app.stores.running["etcd"][0] == _etcd_settings(app, reordered), within=5)
+        assert "echo" in server.streams
+        writer.write(b"again")
+        assert await asyncio.wait_for(reader.readexactly(5), 5) == b"again", "a settings change kept it"
         writer.close()
         cluster.delete(f"{prefix}routes/echo")
         await app.wait_for(lambda: "echo" not in server.streams, within=2)
@@ -267,3 +274,10 @@ async def test_a_wrong_password_is_an_outage_that_says_why(authed: EtcdCluster, 
     [line] = [m for m in logs.messages if "unreachable" in m]
     assert "authenticate: HTTP" in line and "authentication failed" in line, line
     assert not provider.synced.is_set()
+
+
+def _etcd_settings(app: LiveServer, endpoints: list[str]) -> object:
+    """The etcd settings the app's config now holds, if they list `endpoints`; None otherwise."""
+    assert app.sources is not None
+    settings = app.sources.config.providers.etcd
+    return settings if settings is not None and settings.endpoints == endpoints else None

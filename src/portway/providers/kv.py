@@ -17,9 +17,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from portway.config.load import validate_config
+from portway.config.schema import RouteConfig
 from portway.config.yamlload import Document, load_yaml
 from portway.errors import ConfigError
 from portway.providers.docker import ProvidedRoutes
@@ -29,6 +29,7 @@ __all__ = [
     "BACKOFF_START_S",
     "MAX_VALUE_BYTES",
     "KVRouteTable",
+    "KVRoutes",
     "Outage",
     "route_name_problem",
     "routes_from_kv",
@@ -86,17 +87,16 @@ def routes_from_kv(store: str, prefix: str, items: Mapping[str, bytes]) -> KVRou
         where = f"{store} key {key}"
         name = key[len(under) :]
         route, problem = _maybe_route(name, value, where)
-        if problem is not None:
-            out.problems.append(problem)
-            out.problem_keys[(key, value)] = problem
+        if route is None:
+            out.problems.append(problem or f"{where}: skipped")
+            out.problem_keys[(key, value)] = out.problems[-1]
             continue
-        assert route is not None
         out.routes[name] = route
         out.origins[name] = where
     return out
 
 
-def _maybe_route(name: str, value: bytes, where: str) -> tuple[Any, str | None]:
+def _maybe_route(name: str, value: bytes, where: str) -> tuple[RouteConfig | None, str | None]:
     bad_name = route_name_problem(name)
     if bad_name is not None:
         return None, f"{where}: {bad_name}; skipped"

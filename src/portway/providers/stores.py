@@ -18,7 +18,7 @@ from typing import Protocol
 
 from portway.config.schema import EtcdConfig, ProvidersConfig, RedisConfig, RouteConfig
 from portway.providers.etcd import EtcdProvider
-from portway.providers.kv import KVRoutes
+from portway.providers.kv import KVRoutes, KVRouteTable
 from portway.providers.redis import RedisProvider
 
 __all__ = ["StoreProvider", "StoreProviders"]
@@ -28,6 +28,7 @@ log = logging.getLogger("portway")
 
 class StoreProvider(Protocol):
     name: str
+    table: KVRouteTable
 
     @property
     def current(self) -> KVRoutes: ...
@@ -60,15 +61,22 @@ class StoreProviders:
             wanted["etcd"] = config.etcd
         if config.redis is not None:
             wanted["redis"] = config.redis
+        replaced: dict[str, KVRoutes] = {}
         for kind in list(self.running):
             if self.running[kind][0] != wanted.get(kind):
                 _, provider = self.running.pop(kind)
+                replaced[kind] = provider.current
                 asyncio.get_running_loop().create_task(provider.stop())
-                self.on_change()  # its routes leave with it
+                self.on_change()  # a removed store's routes leave with it
         for kind, settings in wanted.items():
             if kind in self.running:
                 continue
             provider = self._make(settings, base)
+            if kind in replaced:
+                # New settings for the same store (another endpoint, a new password): its routes keep
+                # serving until the new connection reads them, as during an outage, instead of
+                # vanishing for a moment and draining every connection.
+                provider.table.current = replaced[kind]
             self.running[kind] = (settings, provider)
             provider.start()
             log.info(f"{kind} provider started", extra={"provider": kind})
