@@ -28,8 +28,6 @@ from typing import Any, Protocol
 import pytest
 import redis
 
-ETCD = "/usr/bin/etcd"
-REDIS = "/usr/bin/redis-server"
 START_TIMEOUT_S = 20.0
 
 
