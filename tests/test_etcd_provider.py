@@ -14,7 +14,9 @@ import pytest
 import portway.providers.kv as kv
 from portway.app import LiveServer
 from portway.providers.etcd import EtcdProvider
+from tests.conftest import current_loop_kind
 from tests.kv_servers import EtcdCluster, LogWatch, TLSFiles, until
+from tests.portway_process import PortwayProcess
 from tests.targets import TCPEchoTarget
 
 
@@ -281,3 +283,43 @@ def _etcd_settings(app: LiveServer, endpoints: list[str]) -> object:
     assert app.sources is not None
     settings = app.sources.config.providers.etcd
     return settings if settings is not None and settings.endpoints == endpoints else None
+
+
+async def echo_through(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.readexactly(len(data)), 5)
+    finally:
+        writer.close()
+
+
+async def test_two_portway_processes_follow_the_same_store(
+    tmp_path: Path, cluster: EtcdCluster, prefix: str, tcp_echo: TCPEchoTarget
+) -> None:
+    """A fleet in miniature: two `portway serve` processes, one store, every change reaches both."""
+    config = tmp_path / "portway.yml"
+    endpoints = ", ".join(cluster.endpoints)
+    config.write_text(f"grace_period: 1s\nproviders:\n  etcd: {{endpoints: [{endpoints}], prefix: {prefix}}}\n")
+    fleet = [await PortwayProcess.serve(config, current_loop_kind()) for _ in range(2)]
+    try:
+        for pw in fleet:
+            await pw.wait_for("portway serving")
+        # Port 0: both instances run on this one machine, so each takes a free port of its own.
+        fleet_route = f"bind: 127.0.0.1\nhost: 127.0.0.1\nport: 0:{tcp_echo.port}\n"
+        cluster.put(f"{prefix}routes/fleet", fleet_route)
+        for pw in fleet:
+            await pw.wait_for("route started", timeout=2)
+            assert await echo_through(pw.port_of("fleet"), b"hello") == b"hello"
+        marks = [len(pw.records) for pw in fleet]
+        cluster.put(f"{prefix}routes/fleet", fleet_route + "idle_timeout: 1m\n")
+        for pw, mark in zip(fleet, marks, strict=True):
+            await pw.wait_for("route started", timeout=2, after=mark)
+            assert await echo_through(pw.port_of("fleet"), b"again") == b"again"
+        marks = [len(pw.records) for pw in fleet]
+        cluster.delete(f"{prefix}routes/fleet")
+        for pw, mark in zip(fleet, marks, strict=True):
+            await pw.wait_for("route removed, draining", timeout=2, after=mark)
+    finally:
+        for pw in fleet:
+            assert await pw.stop() == 0

@@ -143,3 +143,26 @@ def test_store_settings_defaults() -> None:
     assert config.providers.etcd.endpoints == ["http://127.0.0.1:2379"]
     assert config.providers.etcd.prefix == "/portway/" and config.providers.redis.prefix == "portway/"
     assert config.providers.redis.poll_interval == 5.0
+
+
+_keys = st.sampled_from(["p/routes/a", "p/routes/b", "p/routes/c", "p/other"])
+_values = st.sampled_from([b"port: 7001:1", b"port: 7002:1", b"port: bad", b"scheme: udp\nport: 7003:1"])
+
+
+@given(st.lists(st.tuples(_keys, st.one_of(st.none(), _values)), max_size=12))
+def test_changes_applied_one_by_one_equal_reading_the_result(changes: list[tuple[str, bytes | None]]) -> None:
+    """A watch (deltas) and a re-read (whole snapshots) must agree, or an instance could drift."""
+    followed = KVRouteTable("etcd", "p/")
+    truth: dict[str, bytes] = {}
+    for key, value in changes:
+        if value is None:
+            truth.pop(key, None)
+            followed.apply({}, {key})
+        else:
+            truth[key] = value
+            followed.apply({key: value}, set())
+    reread = KVRouteTable("etcd", "p/")
+    reread.replace(truth)
+    assert followed.current.routes == reread.current.routes
+    assert followed.current.problems == reread.current.problems
+    assert followed.replace(truth)[0] is False, "re-reading what the deltas built changes nothing"
