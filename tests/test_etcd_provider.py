@@ -300,7 +300,7 @@ async def test_two_portway_processes_follow_the_same_store(
     """A fleet in miniature: two `portway serve` processes, one store, every change reaches both."""
     config = tmp_path / "portway.yml"
     endpoints = ", ".join(cluster.endpoints)
-    config.write_text(f"grace_period: 1s\nproviders:\n  etcd: {{endpoints: [{endpoints}], prefix: {prefix}}}\n")
+    config.write_text(f"providers:\n  etcd: {{endpoints: [{endpoints}], prefix: {prefix}}}\n")
     fleet = [await PortwayProcess.serve(config, current_loop_kind()) for _ in range(2)]
     try:
         for pw in fleet:
