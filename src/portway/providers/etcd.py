@@ -44,6 +44,9 @@ log = logging.getLogger("portway.etcd")
 
 #: A call that takes longer than this on one member is tried on the next one.
 CALL_TIMEOUT_S = 5.0
+#: Pause before resuming a lost watch: a member that accepts watches and drops them at once must
+#: not make us spin, and a tenth of a second is nothing next to a member's restart.
+LOST_WATCH_PAUSE_S = 0.1
 
 
 class _StoreError(Exception):
@@ -245,6 +248,7 @@ class EtcdProvider:
                     self.endpoint = endpoint
                     skip_current = True
                     errors = []
+                    await asyncio.sleep(LOST_WATCH_PAUSE_S)
                     break
                 except (httpx.HTTPError, _StoreError) as exc:
                     errors.append(f"{endpoint}: {_reason(exc)}")
