@@ -170,11 +170,13 @@ class EtcdProvider:
                         except _Compacted as exc:
                             log.info(f"{exc}; reading every key again", extra={"provider": "etcd"})
                             self.next_revision = 0
-            except _StoreError as exc:
+            except (_StoreError, KeyError, TypeError, ValueError) as exc:
+                # KeyError..ValueError: a reply we do not understand (a proxy in the way, another
+                # server on that port). Retrying beats freezing the routes with a dead task.
                 first, wait = outage.failed()
                 if first:
                     log.error(
-                        f"etcd unreachable, keeping the last known routes: {exc}",
+                        f"etcd unreachable, keeping the last known routes: {_reason(exc)}",
                         extra={"provider": "etcd", "endpoints": self.endpoints, "retry_s": wait},
                     )
                 # After an outage, read again: cheaper to reason about than a long replay.
@@ -333,6 +335,8 @@ def _json_reply(reply: httpx.Response, call: str) -> dict[str, Any]:
 def _reason(exc: BaseException) -> str:
     """httpx's messages can be empty (a reset connection); the class name still says what happened."""
     text = str(exc)
+    if isinstance(exc, _StoreError):
+        return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

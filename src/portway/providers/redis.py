@@ -130,7 +130,7 @@ class RedisProvider:
             try:
                 client = self._connect()
                 await self._follow(client, outage)
-            except (RedisError, OSError, _Unusable) as exc:
+            except (RedisError, OSError, _Unusable, ValueError) as exc:  # ValueError: a bad URL part
                 first, wait = outage.failed()
                 if first:
                     log.error(
