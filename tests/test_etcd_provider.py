@@ -323,3 +323,25 @@ async def test_two_portway_processes_follow_the_same_store(
     finally:
         for pw in fleet:
             assert await pw.stop() == 0
+
+
+async def test_a_server_that_is_not_etcd_is_an_outage_not_a_dead_provider() -> None:
+    async def not_etcd(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(not_etcd, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    provider = EtcdProvider([f"http://127.0.0.1:{port}"], prefix="/p/", on_change=lambda: None)
+    try:
+        with LogWatch("portway.etcd") as logs:
+            provider.start()
+            await logs.wait("etcd unreachable")
+        [line] = [m for m in logs.messages if "unreachable" in m]
+        assert "KeyError" in line, line
+        assert provider._task is not None and not provider._task.done(), "still retrying"
+    finally:
+        await provider.stop()
+        server.close()
