@@ -32,6 +32,7 @@ from portway.logs import LoopErrorLog
 from portway.loops import loop_name
 from portway.providers.docker import DockerProvider, docker_url, parse_provider_name
 from portway.providers.merge import merge_routes
+from portway.providers.stores import StoreProviders
 from portway.server import Server
 from portway.stream.tcp import TCPStream
 
@@ -66,6 +67,7 @@ class LiveServer:
         self.server: Server | None = None
         self.sources: Sources | None = None
         self.providers: dict[tuple[str, str, bool], DockerProvider] = {}
+        self.stores = StoreProviders(on_change=lambda: self._wake.set())  # etcd, Redis: after Docker
         #: Notified after every reload (applied or refused), for whoever waits in `wait_for`.
         self.reloaded = asyncio.Condition()
         #: Set once the file's routes listen and the providers and file watcher have started.
@@ -122,6 +124,7 @@ class LiveServer:
                 self._watcher.cancel()
                 await asyncio.gather(self._watcher, return_exceptions=True)
             await asyncio.gather(*(p.stop() for p in self.providers.values()), return_exceptions=True)
+            await self.stores.stop()
             await self._shut_down(shutdown_grace)
 
     def hurry(self) -> None:
@@ -218,6 +221,7 @@ class LiveServer:
             [
                 (self.sources.config.routes, self.sources.origins),
                 *((p.current.routes, p.current.origins) for p in self.providers.values()),
+                *self.stores.sources(),
             ]
         )
         for problem in merged.problems:
@@ -243,6 +247,7 @@ class LiveServer:
             self.providers[key] = provider
             provider.start()
             log.info("docker provider started", extra={"provider": name, "url": url, "explicit": explicit})
+        self.stores.sync(self.sources.config.providers, self.path.parent)
 
     # -- watching files
 

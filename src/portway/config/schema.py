@@ -302,6 +302,10 @@ class ProvidersConfig(_Model):
     include: list[str] = Field(default_factory=list)
     #: name -> Docker host URL; a trailing "!" on the name means explicit-only (needs proxy.aliases).
     docker: dict[str, str] = Field(default_factory=dict)
+    #: Routes from an etcd v3 cluster, one key per route under `prefix` (see providers/etcd.py).
+    etcd: EtcdConfig | None = None
+    #: Routes from a Redis server, one key per route under `prefix` (see providers/redis.py).
+    redis: RedisConfig | None = None
 
 
 def _workers(value: Any) -> Any:
@@ -359,3 +363,78 @@ def _covers(route: RouteConfig, host: str, other: str) -> bool:
         return oip.version == 4
     # "::" with a pinned tcp6/udp6 scheme is IPv6-only; with plain tcp/udp it is dual-stack.
     return oip.version == 6 or family_of(route.scheme) == socket.AF_UNSPEC
+
+
+# -- key-value store providers (issue 11); kept at the end so the file's earlier models stay untouched
+
+
+def _prefix(value: Any) -> Any:
+    if isinstance(value, str) and value.strip() and not value.strip().endswith("/"):
+        raise ValueError(f"prefix {value.strip()!r} must end with '/', e.g. /portway/")
+    return value
+
+
+KeyPrefix = Annotated[str, BeforeValidator(_prefix), Field(min_length=1)]
+
+
+def _etcd_endpoint(value: Any) -> Any:
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str):
+        raise ValueError("an etcd endpoint is a URL, e.g. http://127.0.0.1:2379")
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"etcd endpoint {value.strip()!r} must be http://host:port or https://host:port")
+    try:
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError:
+        raise ValueError(f"etcd endpoint {value.strip()!r} has a bad port") from None
+    return value.strip().rstrip("/")
+
+
+class EtcdConfig(_Model):
+    """An etcd v3 cluster; every endpoint is used, so losing one member loses nothing."""
+
+    endpoints: list[Annotated[str, BeforeValidator(_etcd_endpoint)]] = Field(min_length=1)
+    prefix: KeyPrefix = "/portway/"
+    username: str | None = None
+    #: A file holding the password (secrets stay out of the config file and its backups).
+    password_file: str | None = None
+    #: Client TLS: the CA that signed the members' certificates, and our certificate and key.
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    @model_validator(mode="after")
+    def _pairs(self) -> EtcdConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together (the client certificate and its private key)")
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+        if self.username is not None and self.cert is not None:
+            # etcd's JSON gateway answers 400 to a request with a client certificate once auth is on.
+            raise ValueError(
+                "use either username/password_file or a client certificate (cert, key), not both: "
+                "etcd's HTTP gateway refuses client certificates when authentication is enabled"
+            )
+        return self
+
+
+def _redis_url(value: Any) -> Any:
+    if not isinstance(value, str) or not value.strip().startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("url must be redis://host:port/db, rediss://... (TLS) or unix:///path")
+    return value.strip()
+
+
+class RedisConfig(_Model):
+    """A Redis server; keyspace notifications where allowed, and a periodic full re-read."""
+
+    url: Annotated[str, BeforeValidator(_redis_url)]
+    prefix: KeyPrefix = "portway/"
+    password_file: str | None = None
+    #: The safety net: notifications are fire-and-forget, so everything is re-read this often.
+    poll_interval: Annotated[float, BeforeValidator(_duration), Field(gt=0)] = 5.0
+
+
+ProvidersConfig.model_rebuild()
+Config.model_rebuild()
