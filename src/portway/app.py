@@ -23,12 +23,14 @@ from pathlib import Path
 
 from watchfiles import awatch
 
+from portway import sdnotify
 from portway.addr import PortSpec
 from portway.config.schema import Config, RouteConfig
 from portway.config.sources import Sources, load_sources
 from portway.errors import ConfigError
 from portway.logs import LoopErrorLog
 from portway.loops import loop_name
+from portway.observability import Observability
 from portway.providers.docker import DockerProvider, docker_url, parse_provider_name
 from portway.providers.merge import merge_routes
 from portway.server import Server
@@ -59,6 +61,8 @@ class LiveServer:
         self.port_overrides = dict(port_overrides or {})
         self.on_ready = on_ready
         self.server: Server | None = None
+        #: Metrics, access log, admin listener (issue 10); built from the file at start.
+        self.observability: Observability | None = None
         self.sources: Sources | None = None
         self.providers: dict[tuple[str, str, bool], DockerProvider] = {}
         #: Notified after every reload (applied or refused), for whoever waits in `wait_for`.
@@ -71,6 +75,11 @@ class LiveServer:
         self._watcher: asyncio.Task[None] | None = None
         self._stop_watching = asyncio.Event()
 
+    def reopen_access_log(self) -> None:
+        """SIGUSR1 (logrotate's signal, nginx's convention); safe to call from a signal handler."""
+        if self.observability is not None:
+            self.observability.reopen_access_log()
+
     def request_reload(self) -> None:
         """Re-read the files (and re-merge providers) soon; safe to call from a signal handler."""
         self._files_dirty = True
@@ -79,9 +88,11 @@ class LiveServer:
     async def run(self, stop: asyncio.Event, *, shutdown_grace: float) -> None:
         """Start everything, reload on demand until `stop` is set, then shut down gracefully."""
         self.sources = load_sources(self.path)
+        self.observability = Observability(self.sources.config, config_path=str(self.path))
         self.server = Server(self._wanted(), reuse_port=self.reuse_port)
         await self.server.start()  # the file's routes, all or nothing; Docker routes follow
         try:
+            await self.observability.start(getattr(self.server, "status", None))
             self._sync_providers()
             await self._restart_watcher()
             loop = asyncio.get_running_loop()
@@ -90,6 +101,7 @@ class LiveServer:
                 extra={"routes": len(self.server.streams), "loop": loop_name(loop), "action": "ready"},
             )
             self.ready.set()
+            sdnotify.ready()  # a no-op outside systemd and in workers (the supervisor notifies)
             if self.on_ready is not None:
                 self.on_ready()
             stopping = loop.create_task(stop.wait())
@@ -102,6 +114,7 @@ class LiveServer:
                 self._wake.clear()
                 await self._reload()
         finally:
+            sdnotify.stopping()
             log.info("shutting down", extra={"action": "shutdown", "grace_s": shutdown_grace})
             self._stop_watching.set()
             if self._watcher is not None:
@@ -109,6 +122,7 @@ class LiveServer:
                 await asyncio.gather(self._watcher, return_exceptions=True)
             await asyncio.gather(*(p.stop() for p in self.providers.values()), return_exceptions=True)
             await self.server.stop(shutdown_grace)
+            await self.observability.stop()
 
     async def wait_for(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
         """Return once `predicate()` holds after some reload (or already does)."""
@@ -120,11 +134,17 @@ class LiveServer:
     async def _reload(self) -> None:
         assert self.server is not None
         assert self.sources is not None
+        observe = self.observability
+        files_reloaded = False
         if self._files_dirty:
             self._files_dirty = False
+            sdnotify.reloading()
             try:
                 sources = load_sources(self.path)
             except ConfigError as exc:
+                if observe is not None:
+                    observe.reloaded(False)
+                sdnotify.ready()
                 log.error(
                     f"reload refused, the running routes are unchanged: {exc}",
                     extra={
@@ -138,6 +158,7 @@ class LiveServer:
                 )
                 await self._notify()
                 return
+            files_reloaded = True
             files_changed = sources.files != self.sources.files
             self.sources = sources
             self._sync_providers()
@@ -148,6 +169,10 @@ class LiveServer:
             "reload applied",
             extra={"action": "reload", "routes": len(self.server.streams), "failed": sorted(failed)},
         )
+        if files_reloaded:
+            if observe is not None:
+                observe.reloaded(not failed)
+            sdnotify.ready()
         await self._notify()
 
     async def _notify(self) -> None:
@@ -242,9 +267,10 @@ async def serve_live(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app.request_reload)
+    loop.add_signal_handler(signal.SIGUSR1, app.reopen_access_log)
     try:
         await app.run(stop, shutdown_grace=shutdown_grace)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
