@@ -180,3 +180,42 @@ def merge_routes(per_worker: Iterable[list[RouteStatus]]) -> list[RouteStatus]:
         replace(r, targets=[TargetStatus(name, up, n) for name, (up, n) in targets[r.name].items()])
         for r in merged.values()
     ]
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def format_status(status: Status) -> str:
+    """The terminal table of ``portway status``: one line per route, then one per target."""
+    p = status.process
+    head = f"portway {p.version}  up {p.uptime:.0f}s  workers {p.workers}  config {p.config}"
+    if p.last_reload is not None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p.last_reload))
+        head += f"  last reload {stamp} {p.last_reload_result}"
+    rows = [("ROUTE", "PROTO", "LISTEN", "ACTIVE", "TOTAL", "IN", "OUT", "TARGETS")]
+    for r in status.routes:
+        t = r.totals
+        targets = ", ".join(f"{x.target} {'up' if x.up else 'DOWN'} {x.active}" for x in r.targets) or "-"
+        name = r.name + (f" ({r.match})" if r.match else "")
+        rows.append(
+            (
+                name,
+                r.protocol,
+                r.listen,
+                str(t.active),
+                str(t.connections),
+                _size(t.bytes_client_to_target),
+                _size(t.bytes_target_to_client),
+                targets,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = [head, ""]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])) + "  " + row[-1])
+    return "\n".join(lines)
