@@ -227,6 +227,9 @@ class AdminServer:
             await _send(writer, conn, response, head_only=method == "HEAD", close=close)
             if close or conn.our_state is h11.MUST_CLOSE:
                 return
+            # A bodiless request's end is already parsed: consume it so both sides are DONE.
+            if not isinstance(conn.next_event(), h11.EndOfMessage):
+                return
             try:
                 conn.start_next_cycle()
             except h11.LocalProtocolError:
