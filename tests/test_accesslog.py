@@ -88,7 +88,7 @@ def test_json_lines_carry_every_field_and_reason(access: AccessLog, log_path: Pa
 
 def test_text_format_quotes_what_needs_it() -> None:
     line = render_text(rec(route="my route", target=None))
-    assert line.startswith("time=2025-11-24T16:00:01.750Z route=\"my route\" protocol=tcp ")
+    assert line.startswith('time=2025-11-24T16:00:01.750Z route="my route" protocol=tcp ')
     assert "target=- " in line and line.endswith(" reason=normal")
 
 

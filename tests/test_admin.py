@@ -132,7 +132,8 @@ async def test_keep_alive_serves_several_requests(server: AdminServer) -> None:
 
 async def test_head_has_no_body(server: AdminServer) -> None:
     reader, writer = await talk(
-        server, b"HEAD /api/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"
+        server,
+        b"HEAD /api/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n\r\n",
     )
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 200 ")

@@ -101,10 +101,20 @@ def test_exposition_has_exactly_the_contract_series() -> None:
     assert value(parsed, "portway_connections_active", route="dns", protocol="udp") == 0
     for reason in CLOSE_REASONS:
         want = {"normal": 1, "client_reset": 1, "acl_denied": 1}.get(reason, 0)
-        assert value(parsed, "portway_connection_closes_total", route="web", protocol="tcp", reason=reason) == want
-    assert value(parsed, "portway_bytes_total", route="web", protocol="tcp", direction="client_to_target") == 150
-    assert value(parsed, "portway_bytes_total", route="web", protocol="tcp", direction="target_to_client") == 1005
-    assert value(parsed, "portway_bytes_total", route="dns", protocol="udp", direction="target_to_client") == 90
+        assert (
+            value(parsed, "portway_connection_closes_total", route="web", protocol="tcp", reason=reason)
+            == want
+        )
+    assert (
+        value(parsed, "portway_bytes_total", route="web", protocol="tcp", direction="client_to_target") == 150
+    )
+    assert (
+        value(parsed, "portway_bytes_total", route="web", protocol="tcp", direction="target_to_client")
+        == 1005
+    )
+    assert (
+        value(parsed, "portway_bytes_total", route="dns", protocol="udp", direction="target_to_client") == 90
+    )
     assert value(parsed, "portway_udp_datagrams_total", route="dns", direction="client_to_target") == 3
     assert value(parsed, "portway_udp_datagrams_total", route="dns", direction="target_to_client") == 2
     assert value(parsed, "portway_udp_datagrams_dropped_total", route="dns", reason="limit") == 1
@@ -274,6 +284,8 @@ async def test_publisher_writes_what_the_supervisor_exports(tmp_path: Path) -> N
     parsed = samples(render(workers_registry(WorkerFiles(tmp_path))))
     assert value(parsed, "portway_connections_total", route="web", protocol="tcp") == 2
     assert value(parsed, "portway_connections_active", route="web", protocol="tcp") == 1
-    assert value(parsed, "portway_bytes_total", route="web", protocol="tcp", direction="target_to_client") == 4
+    assert (
+        value(parsed, "portway_bytes_total", route="web", protocol="tcp", direction="target_to_client") == 4
+    )
     assert value(parsed, "portway_worker_open_fds", worker="0") > 0
     assert json.loads(path.read_text())["pid"] == os.getpid()

@@ -448,8 +448,9 @@ class WorkerPublisher:
         self.snapshot = snapshot
         self.status = status
         self.interval = interval
+        self.pid = os.getpid()
         #: pid and a start stamp: a reused pid never overwrites a dead worker's file.
-        self.path = Path(directory) / f"worker-{os.getpid()}-{time.time_ns()}.json"
+        self.path = Path(directory) / f"worker-{self.pid}-{time.time_ns()}.json"
         self._handle: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
@@ -465,7 +466,7 @@ class WorkerPublisher:
 
     def publish(self) -> None:
         data = {
-            "pid": os.getpid(),
+            "pid": self.pid,
             "worker": self.index,
             "tables": self.snapshot().to_json(),
             "open_fds": _open_fds(),
