@@ -186,7 +186,9 @@ def test_page_follows_live_connections(admin: Admin, browser: Any, tmp_path: Pat
     dots = browser.find_elements(By.CSS_SELECTOR, 'section[data-route="web"] .dot')
     assert [d.get_attribute("title") for d in dots] == ["up", "down"]
     # The charts have points.
-    points = browser.find_element(By.CSS_SELECTOR, 'section[data-route="web"] polyline').get_attribute("points")
+    points = browser.find_element(By.CSS_SELECTOR, 'section[data-route="web"] polyline').get_attribute(
+        "points"
+    )
     assert len(points.split()) >= 3
     assert browser.find_element(By.ID, "error").text == ""
     shot = tmp_path / "status-page.png"

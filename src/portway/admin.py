@@ -29,6 +29,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -263,7 +264,8 @@ async def _send(
     if close:
         headers.append(("Connection", "close"))
     try:
-        data = conn.send(h11.Response(status_code=response.status, headers=headers))
+        reason = HTTPStatus(response.status).phrase.encode()
+        data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
     except h11.LocalProtocolError:
         # The client's half was unparseable: h11 will not frame a response; write a bare one.
         bare = f"HTTP/1.1 {response.status} Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
