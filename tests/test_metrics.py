@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from portway.metrics import (
     render,
     workers_registry,
 )
+from tests.polling import eventually
 
 
 def record(
@@ -164,12 +166,12 @@ async def test_loop_lag_probe_sees_a_blocked_loop() -> None:
     probe = m.start_lag_probe(interval=0.01)
     try:
         await asyncio.sleep(0.02)
-        # Block the loop past the next tick: the probe reports roughly how long.
-        import time
+        time.sleep(0.15)  # noqa: ASYNC251 - blocking the loop is the point: the probe must see it
 
-        time.sleep(0.15)
-        while probe.lag == 0.0 or probe.lag < 0.05:
-            await asyncio.sleep(0.005)
+        async def seen() -> bool:
+            return probe.lag >= 0.05
+
+        await eventually(seen, step=0.005)
         assert 0.05 <= m.snapshot().loop_lag < 1.0
     finally:
         m.stop()
@@ -277,8 +279,10 @@ async def test_publisher_writes_what_the_supervisor_exports(tmp_path: Path) -> N
             tables = json.loads(path.read_text())["tables"]
             return int(next(row[-1] for row in tables["connections"]))
 
-        while published_conns() != 2:  # the timer publishes the later event too
-            await asyncio.sleep(0.01)
+        async def published() -> bool:  # the timer publishes the later event too
+            return published_conns() == 2
+
+        await eventually(published, step=0.01)
     finally:
         publisher.stop()
     parsed = samples(render(workers_registry(WorkerFiles(tmp_path))))

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import current_loop_kind
+from tests.polling import eventually
 from tests.portway_process import PortwayProcess, route_yaml, run_cli
 from tests.prometheus_server import free_port
 from tests.targets import TCPEchoTarget
@@ -169,9 +170,12 @@ async def test_two_workers_one_admin(tmp_path: Path, tcp_echo: TCPEchoTarget, no
     try:
         assert await notify.next() == "READY=1"  # from the supervisor, once all workers serve
         await pw.wait_for("workers serving")
+
         # Both workers publish; worker 0 answers for both.
-        while await metric(base, "portway_worker_open_fds", worker="1") is None:
-            await asyncio.sleep(0.05)
+        async def both_published() -> bool:
+            return await metric(base, "portway_worker_open_fds", worker="1") is not None
+
+        await eventually(both_published)
         assert await metric(base, "portway_worker_open_fds", worker="0") is not None
         status, body = await asyncio.to_thread(http_get, base + "/api/status")
         assert status == 200 and json.loads(body)["process"]["workers"] == 2
@@ -181,9 +185,12 @@ async def test_two_workers_one_admin(tmp_path: Path, tcp_echo: TCPEchoTarget, no
         assert (await notify.next()).startswith("RELOADING=1")
         assert await notify.next() == "READY=1"
         await pw.wait_for("reload applied", after=seen)
+
         # Every worker reloads; the reload is counted once.
-        while await metric(base, "portway_config_reloads_total", result="success") != 1:
-            await asyncio.sleep(0.05)
+        async def counted_once() -> bool:
+            return await metric(base, "portway_config_reloads_total", result="success") == 1
+
+        await eventually(counted_once)
         assert not [r for r in pw.records if r.get("action") == "restart"]
         assert notify.pending() == []  # workers never talk to systemd
     finally:
