@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from portway import accesslog
 from portway.accesslog import AccessLog, render_text
@@ -174,3 +176,34 @@ def test_stdout(capfd: pytest.CaptureFixture[str]) -> None:
     log.flush()
     log.stop()
     assert "route=web" in capfd.readouterr().out
+
+
+@given(
+    route=st.text(min_size=1, max_size=30),
+    target=st.one_of(st.none(), st.text(max_size=30)),
+    protocol=st.sampled_from(["tcp", "udp"]),
+    duration=st.floats(0, 1e6, allow_nan=False),
+    counts=st.tuples(*[st.integers(0, 2**63)] * 4),
+)
+def test_json_lines_always_parse_back(
+    route: str, target: str | None, protocol: str, duration: float, counts: tuple[int, int, int, int]
+) -> None:
+    """Any route or target name (quotes, newlines, unicode) yields one valid JSON line."""
+    r = rec(
+        route=route,
+        target=target,
+        protocol=protocol,
+        duration=duration,
+        bytes_client_to_target=counts[0],
+        bytes_target_to_client=counts[1],
+        datagrams_client_to_target=counts[2],
+        datagrams_target_to_client=counts[3],
+    )
+    line = accesslog.render_json(r)
+    assert "\n" not in line
+    got = json.loads(line)
+    assert (got["route"], got["target"], got["protocol"]) == (route, target, protocol)
+    assert got["bytes_target_to_client"] == counts[1]
+    assert ("datagrams_target_to_client" in got) == (protocol == "udp")
+    text = render_text(r)
+    assert "\n" not in text and text.endswith(" reason=normal")

@@ -37,41 +37,73 @@ MAX_PENDING = 65536
 FLUSH_INTERVAL = 0.2
 
 
+#: (second, its text): one tuple, so the writer threads of two logs never mix halves of two.
+_stamp: tuple[int, str] = (-1, "")
+
+
 def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+    """RFC 3339 UTC with milliseconds; the seconds part is formatted once per second."""
+    global _stamp
+    whole = int(ts)
+    second, text = _stamp
+    if whole != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _stamp = (whole, text)
+    return f"{text}.{int((ts - whole) * 1000):03d}Z"
 
 
-def _fields(r: ConnectionRecord) -> dict[str, object]:
-    out: dict[str, object] = {
-        "time": _iso(r.started + r.duration),
-        "route": r.route,
-        "protocol": r.protocol,
-        "client": format_hostport(r.client[0], r.client[1]),
-        "target": r.target,
-        "duration": round(r.duration, 6),
-        "bytes_client_to_target": r.bytes_client_to_target,
-        "bytes_target_to_client": r.bytes_target_to_client,
-    }
-    if r.protocol == "udp":
-        out["datagrams_client_to_target"] = r.datagrams_client_to_target
-        out["datagrams_target_to_client"] = r.datagrams_target_to_client
-    out["reason"] = r.reason
-    return out
+_quoted: dict[str, str] = {}
+
+
+def _json_str(text: str) -> str:
+    """`json.dumps(text)`, remembered: routes and targets are few (cleared if they are not)."""
+    q = _quoted.get(text)
+    if q is None:
+        if len(_quoted) > 4096:
+            _quoted.clear()
+        q = _quoted[text] = json.dumps(text)
+    return q
 
 
 def render_json(r: ConnectionRecord) -> str:
-    return json.dumps(_fields(r), separators=(",", ":"))
+    """One JSON object; built by hand (the field set is fixed) at a third of `json.dumps`' cost."""
+    client = format_hostport(r.client[0], r.client[1])  # an IP and a port: nothing to escape
+    target = "null" if r.target is None else _json_str(r.target)
+    line = (
+        f'{{"time":"{_iso(r.started + r.duration)}","route":{_json_str(r.route)},'
+        f'"protocol":"{r.protocol}","client":"{client}","target":{target},'
+        f'"duration":{round(r.duration, 6)!r},"bytes_client_to_target":{r.bytes_client_to_target},'
+        f'"bytes_target_to_client":{r.bytes_target_to_client},'
+    )
+    if r.protocol == "udp":
+        line += (
+            f'"datagrams_client_to_target":{r.datagrams_client_to_target},'
+            f'"datagrams_target_to_client":{r.datagrams_target_to_client},'
+        )
+    return line + f'"reason":"{r.reason}"}}'
+
+
+def _text_value(text: str) -> str:
+    if not text or any(c in text for c in ' ="\\') or not text.isprintable():
+        return _json_str(text)
+    return text
 
 
 def render_text(r: ConnectionRecord) -> str:
     """``time=... route=ssh protocol=tcp client=... target=... duration=... ... reason=normal``"""
-    parts = []
-    for key, value in _fields(r).items():
-        text = "-" if value is None else str(value)
-        if not text or any(c in text for c in ' ="\\') or not text.isprintable():
-            text = json.dumps(text)
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
+    target = "-" if r.target is None else _text_value(r.target)
+    line = (
+        f"time={_iso(r.started + r.duration)} route={_text_value(r.route)} protocol={r.protocol} "
+        f"client={format_hostport(r.client[0], r.client[1])} target={target} "
+        f"duration={round(r.duration, 6)!r} bytes_client_to_target={r.bytes_client_to_target} "
+        f"bytes_target_to_client={r.bytes_target_to_client} "
+    )
+    if r.protocol == "udp":
+        line += (
+            f"datagrams_client_to_target={r.datagrams_client_to_target} "
+            f"datagrams_target_to_client={r.datagrams_target_to_client} "
+        )
+    return line + f"reason={r.reason}"
 
 
 class AccessLog:
