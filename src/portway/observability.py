@@ -44,11 +44,12 @@ from portway.status import (
     route_to_json,
 )
 
-__all__ = ["OBSERVE_DIR_ENV", "WORKER_ENV", "Observability", "WorkerEnv"]
+__all__ = ["OBSERVE_DIR_ENV", "STARTED_ENV", "WORKERS_ENV", "WORKER_ENV", "Observability", "WorkerEnv"]
 
 OBSERVE_DIR_ENV = "PORTWAY_OBSERVE_DIR"
 WORKER_ENV = "PORTWAY_WORKER"
 WORKERS_ENV = "PORTWAY_WORKERS"
+STARTED_ENV = "PORTWAY_STARTED"
 
 StatusFn = Callable[[], list[RouteStatus]]
 
@@ -60,6 +61,8 @@ class WorkerEnv:
     directory: str | None = None
     index: int | None = None
     count: int = 1
+    #: When the service started (the supervisor's start with workers), for the status uptime.
+    started: float | None = None
 
     @classmethod
     def from_environ(cls) -> WorkerEnv:
@@ -67,7 +70,13 @@ class WorkerEnv:
         index = os.environ.get(WORKER_ENV)
         if not directory or index is None:
             return cls()
-        return cls(directory, int(index), int(os.environ.get(WORKERS_ENV, "1")))
+        started = os.environ.get(STARTED_ENV)
+        return cls(
+            directory,
+            int(index),
+            int(os.environ.get(WORKERS_ENV, "1")),
+            float(started) if started else None,
+        )
 
 
 class _ThreadlessTargets:
@@ -87,7 +96,7 @@ class Observability:
         self.config = config
         self.config_path = config_path
         self.env = env if env is not None else WorkerEnv.from_environ()
-        self.started = time.time()
+        self.started = self.env.started or time.time()
         self.metrics = MetricsObserver() if config.admin is not None else None
         self.access_log = (
             AccessLog(config.access_log.path, config.access_log.format) if config.access_log else None

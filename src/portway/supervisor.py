@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from portway import sdnotify
-from portway.observability import OBSERVE_DIR_ENV, WORKER_ENV, WORKERS_ENV
+from portway.observability import OBSERVE_DIR_ENV, STARTED_ENV, WORKER_ENV, WORKERS_ENV
 
 log = logging.getLogger("portway.supervisor")
 
@@ -95,7 +95,8 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             shutil.rmtree(observe_dir, ignore_errors=True)
-            os.environ.pop(OBSERVE_DIR_ENV, None)
+            for name in (OBSERVE_DIR_ENV, STARTED_ENV, WORKERS_ENV):
+                os.environ.pop(name, None)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._signals.append(signum)
@@ -264,4 +265,5 @@ def _observe_dir(workers: int) -> str:
     path = tempfile.mkdtemp(prefix="portway-observe-", dir=base)
     os.environ[OBSERVE_DIR_ENV] = path
     os.environ[WORKERS_ENV] = str(workers)
+    os.environ[STARTED_ENV] = repr(time.time())  # the service's uptime survives a worker restart
     return path
