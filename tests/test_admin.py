@@ -259,3 +259,15 @@ def test_token_file_errors(tmp_path: Path) -> None:
     good = tmp_path / "token"
     good.write_text(TOKEN + "\n")
     assert read_token_file(str(good)) == TOKEN
+
+
+async def test_ipv6_loopback() -> None:
+    s = AdminServer(app(token=None), "[::1]:0")
+    await s.start()
+    try:
+        assert s.url.startswith("http://[::1]:")
+        reader, writer = await talk(s, get("/api/status"))
+        assert (await response(reader))[:1] == (200,)
+        writer.close()
+    finally:
+        await s.stop()

@@ -165,7 +165,7 @@ class AdminServer:
 
     async def start(self) -> None:
         hp = parse_hostport(self.listen)
-        host = hp.host or "127.0.0.1"
+        host = hp.host or None  # ":9108": every address (the config allowed it explicitly)
         try:
             self._server = await asyncio.start_server(
                 self._serve_client, host, hp.port, reuse_address=True, limit=MAX_HEADER_BYTES
@@ -205,7 +205,7 @@ class AdminServer:
             pass
         finally:
             self._conns.discard(task)
-            writer.transport.abort() if writer.transport.is_closing() else writer.close()
+            writer.close()
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
