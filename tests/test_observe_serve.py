@@ -149,6 +149,10 @@ async def test_status_cli_without_a_listener(tmp_path: Path) -> None:
     assert code == 1 and out == ""
     assert err.startswith(f"portway: error: http://127.0.0.1:{port}: cannot reach the admin listener:")
     assert "Traceback" not in err
+    missing = tmp_path / "no-token"
+    code, out, err = await run_cli("status", "--admin", f"127.0.0.1:{port}", "--token-file", str(missing))
+    assert code == 2
+    assert err == f"portway: error: --token-file: cannot read {missing}: No such file or directory\n"
 
 
 async def test_admin_port_in_use_fails_the_start(tmp_path: Path, tcp_echo: TCPEchoTarget) -> None:

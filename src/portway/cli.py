@@ -289,7 +289,7 @@ def status(admin_addr: str, as_json: bool, token_file: str | None, timeout: floa
         if token_file is not None:
             request.add_header("Authorization", f"Bearer {read_token_file(token_file)}")
     except ConfigError as exc:
-        _fail(ConfigError(exc.message, file=token_file), EXIT_CONFIG)
+        _fail(PortwayError(f"--token-file: {exc.message}"), EXIT_CONFIG)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read()
