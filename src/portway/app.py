@@ -23,13 +23,14 @@ from pathlib import Path
 
 from watchfiles import awatch
 
-from portway import __version__
+from portway import __version__, sdnotify
 from portway.addr import PortSpec
 from portway.config.load import Sources, load_config
 from portway.config.schema import Config, RouteConfig
 from portway.errors import ConfigError
 from portway.logs import LoopErrorLog
 from portway.loops import loop_name
+from portway.observability import Observability
 from portway.providers.docker import DockerProvider, docker_url, parse_provider_name
 from portway.providers.merge import merge_routes
 from portway.providers.stores import StoreProviders
@@ -65,6 +66,8 @@ class LiveServer:
         self.port_overrides = dict(port_overrides or {})
         self.on_ready = on_ready
         self.server: Server | None = None
+        #: Metrics, access log, admin listener (issue 10); built from the file at start.
+        self.observability: Observability | None = None
         self.sources: Sources | None = None
         self.providers: dict[tuple[str, str, bool], DockerProvider] = {}
         self.stores = StoreProviders(on_change=lambda: self._wake.set())  # etcd, Redis: after Docker
@@ -79,6 +82,11 @@ class LiveServer:
         self._stop_watching = asyncio.Event()
         self._hurry = asyncio.Event()
 
+    def reopen_access_log(self) -> None:
+        """SIGUSR1 (logrotate's signal, nginx's convention); safe to call from a signal handler."""
+        if self.observability is not None:
+            self.observability.reopen_access_log()
+
     def request_reload(self) -> None:
         """Re-read the files (and re-merge providers) soon; safe to call from a signal handler."""
         self._files_dirty = True
@@ -90,9 +98,11 @@ class LiveServer:
         `shutdown_grace` is ``--grace``: None means the file's ``grace_period``.
         """
         self.sources = self._initial if self._initial is not None else load_config(self.path)
-        self.server = Server(self._wanted(), reuse_port=self.reuse_port)
+        self.observability = Observability(self.sources.config, config_path=str(self.path))
+        self.server = Server(self._wanted(), reuse_port=self.reuse_port, observer=self.observability.observer)
         await self.server.start()  # the file's routes, all or nothing; Docker routes follow
         try:
+            await self.observability.start(getattr(self.server, "status", None))
             self._sync_providers()
             await self._restart_watcher()
             loop = asyncio.get_running_loop()
@@ -107,6 +117,7 @@ class LiveServer:
                 },
             )
             self.ready.set()
+            sdnotify.ready()  # a no-op outside systemd and in workers (the supervisor notifies)
             if self.on_ready is not None:
                 self.on_ready()
             stopping = loop.create_task(stop.wait())
@@ -119,6 +130,7 @@ class LiveServer:
                 self._wake.clear()
                 await self._reload()
         finally:
+            sdnotify.stopping()
             self._stop_watching.set()
             if self._watcher is not None:
                 self._watcher.cancel()
@@ -126,6 +138,7 @@ class LiveServer:
             await asyncio.gather(*(p.stop() for p in self.providers.values()), return_exceptions=True)
             await self.stores.stop()
             await self._shut_down(shutdown_grace)
+            await self.observability.stop()
 
     def hurry(self) -> None:
         """A second SIGINT/SIGTERM: stop waiting for live connections and close them now."""
@@ -180,11 +193,17 @@ class LiveServer:
     async def _reload(self) -> None:
         assert self.server is not None
         assert self.sources is not None
+        observe = self.observability
+        files_reloaded = False
         if self._files_dirty:
             self._files_dirty = False
+            sdnotify.reloading()
             try:
                 sources = load_config(self.path)
             except ConfigError as exc:
+                if observe is not None:
+                    observe.reloaded(False)
+                sdnotify.ready()
                 log.error(
                     f"reload refused, the running routes are unchanged: {exc}",
                     extra={
@@ -198,6 +217,7 @@ class LiveServer:
                 )
                 await self._notify()
                 return
+            files_reloaded = True
             files_changed = sources.files != self.sources.files
             self.sources = sources
             self._sync_providers()
@@ -208,6 +228,10 @@ class LiveServer:
             "reload applied",
             extra={"action": "reload", "routes": len(self.server.streams), "failed": sorted(failed)},
         )
+        if files_reloaded:
+            if observe is not None:
+                observe.reloaded(not failed)
+            sdnotify.ready()
         await self._notify()
 
     async def _notify(self) -> None:
@@ -318,6 +342,7 @@ async def serve_live(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_signal)
     loop.add_signal_handler(signal.SIGHUP, app.request_reload)
+    loop.add_signal_handler(signal.SIGUSR1, app.reopen_access_log)
     try:
         await app.run(stop, shutdown_grace=shutdown_grace)
     finally:
@@ -325,6 +350,6 @@ async def serve_live(
         # ends the process at once, and batched lines ("route stopped") would be lost with it.
         for handler in logging.getLogger("portway").handlers:
             handler.flush()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)

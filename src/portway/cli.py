@@ -311,3 +311,52 @@ class _WorkerField(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.worker = self.index
         return True
+
+
+# -- `portway status` (issue 10): the admin listener's /api/status as a table
+
+
+@main.command()
+@click.option(
+    "--admin",
+    "admin_addr",
+    default="127.0.0.1:9108",
+    show_default=True,
+    help="The admin listener (host:port or an http:// URL).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw /api/status document.")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None, help="The admin bearer token.")
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for an answer.")
+def status(admin_addr: str, as_json: bool, token_file: str | None, timeout: float) -> None:
+    """Show the routes, targets and totals of a running portway."""
+    import json as _json
+    import urllib.error
+    import urllib.request
+
+    from portway.admin import read_token_file
+    from portway.status import format_status, status_from_json
+
+    base = admin_addr if admin_addr.startswith(("http://", "https://")) else f"http://{admin_addr}"
+    request = urllib.request.Request(base.rstrip("/") + "/api/status")
+    try:
+        if token_file is not None:
+            request.add_header("Authorization", f"Bearer {read_token_file(token_file)}")
+    except ConfigError as exc:
+        _fail(PortwayError(f"--token-file: {exc.message}"), EXIT_CONFIG)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        hint = " (give --token-file)" if exc.code == 401 else ""
+        _fail(PortwayError(f"{base}: HTTP {exc.code} {exc.reason}{hint}"), EXIT_RUNTIME)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        _fail(PortwayError(f"{base}: cannot reach the admin listener: {reason}"), EXIT_RUNTIME)
+    if as_json:
+        click.echo(body.decode())
+        return
+    try:
+        doc = status_from_json(_json.loads(body))
+    except (ValueError, KeyError, TypeError) as exc:
+        _fail(PortwayError(f"{base}: not a portway status document: {exc}"), EXIT_RUNTIME)
+    click.echo(format_status(doc))

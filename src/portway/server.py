@@ -21,6 +21,7 @@ from portway.errors import PortwayError
 from portway.events import Observer
 from portway.limits import ClientLimits
 from portway.reload import plan_reload, pool_settings, shared_settings_changed
+from portway.status import RouteStatus, TargetStatus
 from portway.stream.pool import HealthCheck, PoolMember, TargetPool
 from portway.stream.tcp import TCPStream
 from portway.stream.udp import UDPStream
@@ -284,6 +285,22 @@ class Server:
         if retired_admission is not None:
             self._close_after_drains(retired_admission)
         return failed
+
+    def status(self) -> list[RouteStatus]:
+        """Every running route with its targets' health and load (the status API's routes)."""
+        out: list[RouteStatus] = []
+        for name, stream in self.streams.items():
+            pool = stream.pool
+            now = pool.loop.time() if pool.loop is not None else 0.0
+            targets = [
+                TargetStatus(
+                    member.key, pool.balancer.state_of(index, now) == "up" or pool.trivial, state.active
+                )
+                for index, (member, state) in enumerate(zip(pool.members, pool.balancer.targets, strict=True))
+            ]
+            protocol = "udp" if isinstance(stream, UDPStream) else "tcp"
+            out.append(RouteStatus(name, protocol, stream.describe().listen, None, targets))
+        return out
 
     async def _retarget(self, name: str, route: RouteConfig, grace: float) -> None:
         """Update a running route's pool in place; drain connections to targets that left."""

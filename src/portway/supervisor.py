@@ -17,17 +17,22 @@ import errno
 import logging
 import os
 import select
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from portway import sdnotify
+from portway.observability import OBSERVE_DIR_ENV, STARTED_ENV, WORKER_ENV, WORKERS_ENV
 
 log = logging.getLogger("portway.supervisor")
 
 #: A worker that dies sooner than this after starting is "crashing": restarts back off.
 _HEALTHY_AFTER = 5.0
 _RESTART_BACKOFF_MAX = 10.0
-_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 #: What a worker runs: given its index and a callback to call once it is serving; returns an exit status.
 WorkerMain = Callable[[int, Callable[[], None]], int]
@@ -71,6 +76,7 @@ class Supervisor:
         """Serve until told to stop; returns the exit status for the main process."""
         os.set_blocking(self._wake_w, False)
         previous = {s: signal.signal(s, self._on_signal) for s in (*_FORWARDED, signal.SIGCHLD)}
+        observe_dir = _observe_dir(self.count)
         try:
             try:
                 for index in range(self.count):
@@ -83,10 +89,14 @@ class Supervisor:
                 "workers serving",
                 extra={"action": "ready", "workers": self.count, "pids": sorted(self.workers)},
             )
+            sdnotify.ready()
             return self._supervise()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            shutil.rmtree(observe_dir, ignore_errors=True)
+            for name in (OBSERVE_DIR_ENV, STARTED_ENV, WORKERS_ENV):
+                os.environ.pop(name, None)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._signals.append(signum)
@@ -109,6 +119,8 @@ class Supervisor:
                 os.setpgid(0, 0)
                 for sig in (*_FORWARDED, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
+                os.environ[WORKER_ENV] = str(index)  # observability: which worker publishes
+                os.environ.pop("NOTIFY_SOCKET", None)  # only the main process talks to systemd
                 os.close(self._wake_r)
                 os.close(self._wake_w)
                 for other in self.workers.values():
@@ -154,11 +166,16 @@ class Supervisor:
             signals, self._signals = self._signals, []
             for signum in signals:
                 if signum in (signal.SIGTERM, signal.SIGINT):
+                    sdnotify.stopping()
                     log.info("stopping workers", extra={"action": "shutdown", "grace_s": self.grace})
                     self._stop_all(signal.SIGTERM)
                     return 0
                 if signum == signal.SIGHUP:
+                    sdnotify.reloading()  # each worker reloads on its own; we only pass the signal
                     self._signal_all(signal.SIGHUP)
+                    sdnotify.ready()
+                if signum == signal.SIGUSR1:
+                    self._signal_all(signal.SIGUSR1)  # reopen the access log (logrotate)
             self._reap(starting=False)
 
     def _reap(self, *, starting: bool) -> None:
@@ -251,3 +268,17 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover
         return os.cpu_count() or 1
+
+
+def _observe_dir(workers: int) -> str:
+    """A private directory where workers publish their metrics (see `portway.metrics`).
+
+    On tmpfs where there is one (the files are rewritten twice a second), mode 0700, removed on
+    exit; named in the environment the workers inherit.
+    """
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    path = tempfile.mkdtemp(prefix="portway-observe-", dir=base)
+    os.environ[OBSERVE_DIR_ENV] = path
+    os.environ[WORKERS_ENV] = str(workers)
+    os.environ[STARTED_ENV] = repr(time.time())  # the service's uptime survives a worker restart
+    return path

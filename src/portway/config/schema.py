@@ -330,6 +330,10 @@ class Config(_Model):
     workers: Annotated[Annotated[int, Field(ge=1, le=256)] | None, BeforeValidator(_workers)] = 1
     #: How long removed or changed routes let live connections finish on reload or shutdown.
     grace_period: Duration = 10.0
+    #: The admin HTTP listener (metrics, status API, status page); off when absent.
+    admin: AdminConfig | None = None
+    #: One line per finished connection or UDP session; off when absent.
+    access_log: AccessLogConfig | None = None
 
 
 Proto = Literal["tcp", "udp"]
@@ -437,4 +441,57 @@ class RedisConfig(_Model):
 
 
 ProvidersConfig.model_rebuild()
+
+
+# -- observability (issue 10): the admin listener and the access log
+
+
+class AdminConfig(_Model):
+    """``admin:``: where ``/metrics``, ``/api/status`` and the status page are served."""
+
+    # Declared before `listen` so its validator sees them (the order in the YAML does not matter).
+    #: A file holding the bearer token every request must carry (except /metrics when public).
+    token_file: str | None = None
+    metrics_public: bool = False
+    #: Serve on a non-loopback address without a token (e.g. inside a container network).
+    allow_insecure: bool = False
+    listen: str
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str, info: ValidationInfo) -> str:
+        from portway.addr import parse_hostport
+
+        hp = parse_hostport(value)  # raises ValueError quoting the address
+        host = hp.host.strip("[]")
+        if host and host != "localhost" and ip_family(host) is None:
+            raise ValueError(f"{host!r} is not an IP address (or localhost)")
+        loopback = host == "localhost" or (bool(host) and ipaddress.ip_address(host).is_loopback)
+        if not loopback and not info.data.get("token_file") and not info.data.get("allow_insecure"):
+            raise ValueError(
+                f"{value} is not a loopback address: set admin.token_file, or admin.allow_insecure: true "
+                "to serve metrics and status to anyone who can reach it"
+            )
+        return value
+
+
+class AccessLogConfig(_Model):
+    """``access_log:``: a file (or "-" for stdout) and its line format."""
+
+    path: str
+    format: Literal["json", "text"] = "json"
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value:
+            raise ValueError('is empty: give a file, or "-" for stdout')
+        return value
+
+
 Config.model_rebuild()

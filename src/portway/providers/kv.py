@@ -18,8 +18,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from portway.config.validate import validate_config
 from portway.config.schema import RouteConfig
+from portway.config.validate import validate_config
 from portway.config.yamlload import Document, load_yaml
 from portway.errors import ConfigError
 from portway.providers.docker import ProvidedRoutes
