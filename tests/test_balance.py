@@ -6,7 +6,7 @@ from collections import Counter
 from itertools import groupby
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from portway.balance import MODES, Balancer, HealthPolicy, Mode, TargetSpec, TargetState, Transition
@@ -31,6 +31,9 @@ def eject(b: Balancer, index: int | TargetState, now: float) -> Transition | Non
         t = b.dial_failed(index, now)
     return t
 
+
+#: The heavier properties build many balancers; a loaded CI machine must not fail them on time alone.
+slow_ok = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 weight_lists = st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=8)
 
@@ -205,6 +208,7 @@ def assignment(b: Balancer, cs: list[str]) -> dict[str, str]:
     return out
 
 
+@slow_ok
 @given(keyed_targets, clients)
 def test_iphash_is_stable_per_client(ts: list[tuple[str, int]], cs: list[str]) -> None:
     b = Balancer([TargetSpec(k, w) for k, w in ts], "iphash")
@@ -215,6 +219,7 @@ def test_iphash_is_stable_per_client(ts: list[tuple[str, int]], cs: list[str]) -
     assert assignment(other, cs) == first
 
 
+@slow_ok
 @given(keyed_targets, clients, st.data())
 def test_iphash_only_the_removed_targets_clients_move(
     ts: list[tuple[str, int]], cs: list[str], data: st.DataObject
@@ -231,6 +236,7 @@ def test_iphash_only_the_removed_targets_clients_move(
             assert after[c] != gone
 
 
+@slow_ok
 @given(keyed_targets, clients, st.data())
 def test_iphash_only_the_down_targets_clients_move_and_come_back(
     ts: list[tuple[str, int]], cs: list[str], data: st.DataObject
@@ -246,6 +252,7 @@ def test_iphash_only_the_down_targets_clients_move_and_come_back(
     assert assignment(b, cs) == before
 
 
+@slow_ok
 @given(keyed_targets, clients, st.data())
 def test_iphash_added_target_only_takes_clients(
     ts: list[tuple[str, int]], cs: list[str], data: st.DataObject
@@ -300,16 +307,29 @@ def test_random_never_picks_the_busiest_of_many(seed: int, n: int) -> None:
     assert 0 not in picks(b, 50)
 
 
-@settings(max_examples=30)
-@given(weight_lists, st.integers(1, 300), st.integers(0, 2**32))
-def test_random_long_lived_spread(weights: list[int], n: int, seed: int) -> None:
-    assume(len(weights) >= 2)
-    b = Balancer(specs(*weights), "random", seed=seed)
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 300), st.integers(0, 2**32))
+def test_random_with_two_targets_is_leastconn(w0: int, w1: int, n: int, seed: int) -> None:
+    """With two candidates both are always drawn, so long-lived load per weight stays within one unit."""
+    b = Balancer(specs(w0, w1), "random", seed=seed)
     for _ in range(n):
         i = b.choose("c", 0.0)
         assert i is not None
         b.acquired(i)
-    assert sum(t.active for t in b.targets) == n
+    loads = [t.active / t.spec.weight for t in b.targets]
+    assert max(loads) - min(loads) <= 1.0 + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_two_choices_keep_long_lived_load_even(seed: int) -> None:
+    """2000 long-lived connections over 8 targets: p2c keeps the spread within a few connections,
+    where independent random picks spread by about 45 (measured over 200 seeds: p2c at most 5)."""
+    b = Balancer(specs(*[1] * 8), "random", seed=seed)
+    for _ in range(2000):
+        i = b.choose("c", 0.0)
+        assert i is not None
+        b.acquired(i)
+    active = [t.active for t in b.targets]
+    assert max(active) - min(active) <= 8
 
 
 # -- passive ejection -----------------------------------------------------------------------------------
@@ -421,6 +441,14 @@ def test_update_keeps_state_by_key_and_maps_indexes() -> None:
     assert eject(b, held_b, 0.0) is None and b.probe_result(held_b, False, 0.0) is None
     b.released(held_c)
     assert held_c.active == 0
+
+
+def test_update_can_change_the_health_policy() -> None:
+    b = Balancer(specs(1, 1), health=HealthPolicy(fall=3))
+    b.probe_result(0, False, 0.0)
+    b.update(specs(1, 1), health=HealthPolicy(fall=2))
+    t = b.probe_result(0, False, 1.0)  # the failure before the reload still counts
+    assert t is not None and t.new == "down"
 
 
 def test_update_reweights_roundrobin() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from portway.limits import CONNECTION_LIMIT, RATE_LIMIT, ClientLimits, TokenBucket, client_key
@@ -124,6 +124,7 @@ def test_one_ipv6_host_cannot_escape_by_changing_address() -> None:
     assert admitted.count(None) == 3
 
 
+@settings(deadline=None)
 @given(
     st.lists(
         st.tuples(st.integers(0, 400), st.booleans(), st.floats(0, 0.5)),

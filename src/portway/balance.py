@@ -393,13 +393,18 @@ class Balancer:
         """The current index of `target`, or None if a reload removed it."""
         return self._index.get(id(target)) if target.attached else None
 
-    def update(self, targets: Sequence[TargetSpec], mode: Mode | None = None) -> dict[int, int]:
+    def update(
+        self, targets: Sequence[TargetSpec], mode: Mode | None = None, health: HealthPolicy | None = None
+    ) -> dict[int, int]:
         """Apply a reload: targets that keep their key keep their state object, health and counts.
 
         Returns {old index: new index} for the kept targets. Removed targets are detached: a
         connection still holding one can release it, and health reports about it are ignored.
-        The round-robin phase restarts, since weights may have changed.
+        The round-robin phase restarts, since weights may have changed. A new `health` policy
+        applies from the next report on; current verdicts and ejections are kept.
         """
+        if health is not None:
+            self.health = health
         if mode is not None:
             if mode not in MODES:
                 raise ValueError(f"unknown load balancing mode {mode!r} (one of {', '.join(MODES)})")
