@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 
+from portway.config.load import load_config_text
 from portway.probe import format_escapes
 from portway.server import Server
 from portway.stream.udp import UDPStream
@@ -164,3 +165,32 @@ async def test_a_dns_query_probe_keeps_dnsmasq_up_and_a_silent_target_down() -> 
                         c.close()
     finally:
         await silent.stop()
+
+
+async def test_reload_keeps_sessions_on_their_targets_and_drains_a_removed_ones() -> None:
+    pool = await targets("a", "b", "c")
+    grace = "grace_period: 300ms"
+    clients: list[UDPClient] = []
+    try:
+        async with running(pool_yaml(*(member(t.port) for t in pool), scheme="udp4", top=grace)) as server:
+            clients = [await client(server) for _ in range(3)]
+            assert [await ask(c, b"before") for c in clients] == ["a", "b", "c"]
+            # a leaves the pool: b and c move up one place in the list.
+            new = pool_yaml(member(pool[1].port), member(pool[2].port), scheme="udp4", top=grace)
+            loop = asyncio.get_running_loop()
+            assert await server.apply(load_config_text(new, "reload.yml")) == {}
+            reloaded = loop.time()
+            # Every session keeps its target, the removed one's until the grace period ends.
+            for _ in range(3):
+                assert [await ask(c, b"after") for c in clients] == ["a", "b", "c"]
+            stream = server.streams["pool"]
+            assert isinstance(stream, UDPStream)
+            await wait_until(lambda: len(stream.sessions) == 2)
+            assert loop.time() - reloaded >= 0.25
+            # a's client starts a new session on a target of the new pool; the others stay put.
+            assert await ask(clients[0], b"again") in {"b", "c"}
+            assert [await ask(c, b"later") for c in clients[1:]] == ["b", "c"]
+    finally:
+        for c in clients:
+            c.close()
+        await stop_all(pool)
