@@ -560,8 +560,11 @@ class UDPStream(Endpoint):
         pool = self.pool
         tried = list(session.exclude)
         last: OSError | None = None
+        state: TargetState | None = None
         while (index := pool.pick(client[0], tried)) is not None:
             sock = None
+            # Kept across the await below: a reload meanwhile may move the index, not the state.
+            state = pool.member_state(index)
             try:
                 family, addr = pool.addresses(index)[0]
                 sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -574,7 +577,7 @@ class UDPStream(Endpoint):
                 if sock is not None:
                     sock.close()
                 last = exc
-                pool.dial_failed(index)
+                pool.dial_failed(state)
                 tried.append(index)
                 continue
             break
@@ -598,7 +601,9 @@ class UDPStream(Endpoint):
                 self.observer.datagram_dropped(self.name, "no_target")
             session.close("dial_refused" if last is not None else "no_target")
             return
-        session.holding = pool.acquired(session.member)
+        assert state is not None
+        session.holding = pool.acquired(state)
+        self.current_member(session)
         if session.queue is None:  # the stream closed while we were setting up
             session.close()
             return
