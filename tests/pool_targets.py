@@ -233,3 +233,24 @@ async def echo(sock: socket.socket, data: bytes, timeout: float = 5.0) -> bytes:
                 return got
             got += chunk
     return got
+
+
+class Blackhole:
+    """A loopback port whose accept queue is full: the kernel drops further SYNs, so a dial to it
+    hangs until the dialer's own timeout (what a dead host looks like), without leaving loopback."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)  # room for one connection, never accepted
+        self.port: int = self.listener.getsockname()[1]
+        self.fillers = []
+        for _ in range(2):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", self.port))
+            self.fillers.append(filler)
+
+    def close(self) -> None:
+        for sock in (*self.fillers, self.listener):
+            sock.close()

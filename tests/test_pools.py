@@ -17,7 +17,10 @@ import pytest
 from portway.config.load import load_config_text
 from portway.config.schema import RouteConfig
 from portway.server import Server
+from portway.stream.tcp import TCPStream
+from portway.stream.tcp_splice import SpliceConn
 from tests.pool_targets import (
+    Blackhole,
     NamedTarget,
     dead_port,
     echo,
@@ -385,3 +388,40 @@ async def test_a_single_dead_target_is_dialed_on_every_connection(caplog: pytest
                 assert await greeted_by(addr) == "back"
             finally:
                 await revived.stop()
+
+
+async def test_a_reload_while_a_dial_is_in_flight_still_ends_that_dial_cleanly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = await targets("a", "b")
+    hole = Blackhole()
+    members = [member(pool[0].port), member(pool[1].port), member(hole.port)]
+    try:
+        with caplog.at_level(logging.ERROR):
+            async with running(pool_yaml(*members, route="connect_timeout: 300ms")) as server:
+                addr = listen_addr(server)
+                assert [await greeted_by(addr) for _ in range(2)] == ["a", "b"]
+                # The third client's dial goes to the black hole (the pool's third target)...
+                pending = asyncio.create_task(refused(addr, timeout=3.0))
+                stream = server.streams["pool"]
+                assert isinstance(stream, TCPStream)
+                await wait_until(lambda: any(_dialing(c) == 2 for c in stream.conns))
+                # ...when a reload removes a: the black hole is now second of two.
+                new = pool_yaml(*members[1:], route="connect_timeout: 300ms")
+                assert await server.apply(load_config_text(new, "reload.yml")) == {}
+                # The dial still times out and closes its client, on time.
+                assert await pending
+                assert not stream.conns
+                assert server.pools["pool"].member_state(1).spec.key.endswith(f":{hole.port}")
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
+        assert not errors
+    finally:
+        hole.close()
+        await stop_all(pool)
+
+
+def _dialing(conn: object) -> int:
+    """The pool index a connection is dialing (or connected to), in either engine; -1: none yet."""
+    if isinstance(conn, SpliceConn):
+        return conn.target
+    return int(getattr(conn, "member", -1))
