@@ -425,3 +425,21 @@ def _dialing(conn: object) -> int:
     if isinstance(conn, SpliceConn):
         return conn.target
     return int(getattr(conn, "member", -1))
+
+
+async def test_a_reload_that_keeps_the_pool_keeps_its_health_state() -> None:
+    pool = await targets("a", "hung")
+    pool[1].hung = True
+    members = (member(pool[0].port), member(pool[1].port))
+    try:
+        async with running(pool_yaml(*members, route=FAST_SEND_EXPECT)) as server:
+            await wait_until(lambda: state(server, 1) == "down")
+            before = server.pools["pool"]
+            # Another idle timeout replaces the listener, but the pool's settings are the same.
+            new = pool_yaml(*members, route=FAST_SEND_EXPECT + "\nidle_timeout: 1h")
+            assert await server.apply(load_config_text(new, "reload.yml")) == {}
+            assert server.pools["pool"] is before
+            assert state(server, 1) == "down"  # not "up" again until `rise` checks pass
+            assert await served(listen_addr(server), 10) == Counter(a=10)
+    finally:
+        await stop_all(pool)

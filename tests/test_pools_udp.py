@@ -194,3 +194,31 @@ async def test_reload_keeps_sessions_on_their_targets_and_drains_a_removed_ones(
         for c in clients:
             c.close()
         await stop_all(pool)
+
+
+async def test_session_limits_drop_a_new_clients_datagrams() -> None:
+    pool = await targets("a", "b")
+    route = "max_connections: 6\nper_client: {max_connections: 2}"
+    clients: list[UDPClient] = []
+    try:
+        async with running(pool_yaml(*(member(t.port) for t in pool), scheme="udp4", route=route)) as server:
+            # Three sessions (client ports) from each of three sources: two of each get through.
+            for source in ("127.0.4.1", "127.0.4.2", "127.0.4.3"):
+                trio = [await client(server, source) for _ in range(3)]
+                clients += trio
+                for c in trio[:2]:
+                    assert await ask(c, b"hi") in {"a", "b"}
+                trio[2].send(b"third")
+                with pytest.raises(TimeoutError):
+                    await trio[2].recv(0.2)  # dropped: the listener never answers it
+            # Six sessions are live: the route is full, even for a fresh source.
+            late = await client(server, "127.0.4.9")
+            clients.append(late)
+            late.send(b"full")
+            with pytest.raises(TimeoutError):
+                await late.recv(0.2)
+            assert sum(t.received for t in pool) == 6
+    finally:
+        for c in clients:
+            c.close()
+        await stop_all(pool)
