@@ -190,6 +190,14 @@ class TargetPool:
             self.balancer.health = health
         self.members = tuple(members)
         self.resolvers = resolvers
+        if check is None and self.check is not None:
+            # Only active checks bring a target they took down back up: without them, their
+            # last verdict would keep the target out of the pool for good.
+            for state in self.balancer.targets:
+                if not state.up:
+                    state.up = True
+                    if state.state == "up":  # not also ejected by failed dials
+                        self._transition(Transition(state.spec.key, "down", "up", "active checks removed"))
         self.check = check
         self.trivial = len(members) == 1 and check is None
         self.generation += 1
