@@ -443,3 +443,19 @@ async def test_a_reload_that_keeps_the_pool_keeps_its_health_state() -> None:
             assert await served(listen_addr(server), 10) == Counter(a=10)
     finally:
         await stop_all(pool)
+
+
+async def test_a_reload_that_drops_the_healthcheck_forgets_its_verdicts() -> None:
+    """Without active checks nothing would ever bring a target they took down back up."""
+    pool = await targets("a", "hung")
+    pool[1].hung = True
+    members = (member(pool[0].port), member(pool[1].port))
+    try:
+        async with running(pool_yaml(*members, route=FAST_SEND_EXPECT)) as server:
+            await wait_until(lambda: state(server, 1) == "down")
+            pool[1].hung = False
+            assert await server.apply(load_config_text(pool_yaml(*members), "reload.yml")) == {}
+            assert state(server, 1) == "up"
+            assert await served(listen_addr(server), 10) == Counter(a=5, hung=5)
+    finally:
+        await stop_all(pool)
