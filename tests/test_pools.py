@@ -459,3 +459,27 @@ async def test_a_reload_that_drops_the_healthcheck_forgets_its_verdicts() -> Non
             assert await served(listen_addr(server), 10) == Counter(a=5, hung=5)
     finally:
         await stop_all(pool)
+
+
+async def test_a_route_replaced_with_a_new_pool_stops_the_old_pools_probes() -> None:
+    pool = await targets("a", "b")
+    members = (member(pool[0].port), member(pool[1].port))
+    port = dead_port()  # a fixed listening port: the replaced listener must let go of it first
+    try:
+        first = pool_yaml(*members, route=FAST_CHECK).replace('port: "0:9"', f'port: "{port}:9"')
+        async with running(first) as server:
+            old = server.pools["pool"]
+            await wait_until(lambda: pool[0].accepted >= 1)  # probing
+            # A new idle timeout replaces the route, a new `rise` makes it a new pool.
+            second = first.replace("rise: 2", "rise: 3") + "    idle_timeout: 1h\n"
+            assert await server.apply(load_config_text(second, "reload.yml")) == {}
+            await drained_reloads(server)
+            assert server.pools["pool"] is not old
+            assert not old._probes, "the replaced pool still probes its targets"
+            assert await greeted_by(listen_addr(server)) in {"a", "b"}
+    finally:
+        await stop_all(pool)
+
+
+async def drained_reloads(server: Server) -> None:
+    await asyncio.wait_for(asyncio.gather(*server._draining), 5)
