@@ -483,3 +483,23 @@ async def test_a_route_replaced_with_a_new_pool_stops_the_old_pools_probes() -> 
 
 async def drained_reloads(server: Server) -> None:
     await asyncio.wait_for(asyncio.gather(*server._draining), 5)
+
+
+async def test_an_ejected_target_is_offered_again_after_its_back_off_and_restored_by_a_dial() -> None:
+    pool = await targets("a", "b", "c")
+    try:
+        async with running(pool_yaml(*(member(t.port) for t in pool))) as server:
+            addr = listen_addr(server)
+            await pool[2].stop()
+            assert set(await served(addr, 12)) == {"a", "b"}
+            ejected = server.pools["pool"].member_state(2)
+            assert ejected.state == "down"
+            await pool[2].start(pool[2].port)  # it is back, but its ejection (1 s) has not run out
+            assert "c" not in await served(addr, 6)
+            loop = asyncio.get_running_loop()
+            await wait_until(lambda: loop.time() >= ejected.ejected_until)
+            # Half-open: it is offered again, and the first successful dial restores it fully.
+            assert (await served(addr, 30))["c"] >= 8
+            assert ejected.state == "up"
+    finally:
+        await stop_all(pool)
