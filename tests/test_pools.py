@@ -500,6 +500,6 @@ async def test_an_ejected_target_is_offered_again_after_its_back_off_and_restore
             await wait_until(lambda: loop.time() >= ejected.ejected_until)
             # Half-open: it is offered again, and the first successful dial restores it fully.
             assert (await served(addr, 30))["c"] >= 8
-            assert ejected.state == "up"
+            assert state(server, 2) == "up"
     finally:
         await stop_all(pool)
