@@ -266,6 +266,25 @@ def test_iphash_added_target_only_takes_clients(
     assert all(after[c] in (before[c], new_key) for c in cs)
 
 
+@slow_ok
+@given(keyed_targets, clients, st.data())
+def test_iphash_reweight_moves_clients_only_to_or_from_that_target(
+    ts: list[tuple[str, int]], cs: list[str], data: st.DataObject
+) -> None:
+    b = Balancer([TargetSpec(k, w) for k, w in ts], "iphash")
+    before = assignment(b, cs)
+    changed = data.draw(st.integers(0, len(ts) - 1))
+    key, weight = ts[changed]
+    new_weight = data.draw(st.integers(1, 9))
+    b.update([TargetSpec(k, new_weight if k == key else w) for k, w in ts])
+    after = assignment(b, cs)
+    for c in cs:
+        if after[c] != before[c]:
+            # heavier: clients only move onto it; lighter: only its own clients move away
+            assert (after[c] == key) if new_weight > weight else (before[c] == key)
+        assert new_weight != weight or after[c] == before[c]
+
+
 def test_iphash_respects_weights() -> None:
     b = Balancer(specs(1, 1, 2), "iphash")
     counts = Counter(b.choose(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}", 0.0) for n in range(20_000))

@@ -95,7 +95,7 @@ def test_expect_regex_compiles_to_bytes() -> None:
 @given(st.floats(0.1, 3600), st.floats(0, 1, exclude_max=True))
 def test_probe_schedule_stays_near_the_interval(interval: float, u: float) -> None:
     assert 0 <= first_probe_in(interval, u) < interval
-    assert 0.9 * interval <= next_probe_in(interval, u) < 1.1 * interval
+    assert 0.9 * interval <= next_probe_in(interval, u) <= 1.1 * interval
 
 
 def test_probe_schedule_mean_is_the_interval() -> None:

@@ -55,6 +55,7 @@ __all__ = [
     "Balancer",
     "HealthPolicy",
     "Mode",
+    "Target",
     "TargetSpec",
     "TargetState",
     "Transition",
@@ -180,6 +181,7 @@ class TargetState:
         )
 
 
+#: What per-target methods accept: an index from `choose` (valid until the next `update`) or the state.
 Target = int | TargetState
 
 
