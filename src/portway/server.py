@@ -270,7 +270,13 @@ class Server:
             inherited = self.streams.pop(old_name) if old_name is not None and old_name != name else None
             old = self.streams.get(name)
             self.streams[name] = stream
+            replaced = self.pools.get(name)
             self.pools[name] = stream.pool
+            users = [*self._draining.values(), *([old] if old is not None else [])]
+            if replaced not in (None, stream.pool) and all(s.pool is not replaced for s in users):
+                # Its stream already drained (a released-first listener drains while the new
+                # one prepares) and saw the pool still registered: nobody else will stop it.
+                replaced.stop()
             log.info("route started", extra={**stream.fields, "action": "start"})
             if old_name is not None:
                 # The old stream's sessions go on, on its settings, until they idle out.

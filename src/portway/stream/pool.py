@@ -185,6 +185,14 @@ class TargetPool:
         self.balancer.update([TargetSpec(m.key, m.weight, m.backup) for m in members], mode, health)
         self.members = tuple(members)
         self.resolvers = resolvers
+        if check is None and self.check is not None:
+            # Only active checks bring a target they took down back up: without them, their
+            # last verdict would keep the target out of the pool for good.
+            for state in self.balancer.targets:
+                if not state.up:
+                    state.up = True
+                    if state.state == "up":  # not also ejected by failed dials
+                        self._transition(Transition(state.spec.key, "down", "up", "active checks removed"))
         self.check = check
         self.trivial = len(members) == 1 and check is None
         self.generation += 1
@@ -217,23 +225,34 @@ class TargetPool:
     def member_state(self, index: int) -> TargetState:
         return self.balancer.targets[index]
 
-    def acquired(self, index: int) -> TargetState:
-        """A connection now uses target `index`; it releases the returned state (which stays
+    def acquired(self, target: int | TargetState) -> TargetState:
+        """A connection now uses `target`; it releases the returned state (which stays
         valid when a reload moves or removes the target) when it ends."""
-        return self.balancer.acquired(index)
+        return self.balancer.acquired(target)
 
     def released(self, state: TargetState) -> None:
         self.balancer.released(state)
 
-    def dial_failed(self, index: int) -> None:
-        """A dial to target `index` failed (refused, unreachable, timed out): re-resolve soon,
+    def _index(self, target: int | TargetState) -> int | None:
+        """The current index of `target`; a dial passes the state it picked, since a reload
+        while the dial was in flight may have moved (or removed: None) the target."""
+        return target if isinstance(target, int) else self.balancer.index_of(target)
+
+    def dial_failed(self, target: int | TargetState) -> None:
+        """A dial to `target` failed (refused, unreachable, timed out): re-resolve soon,
         and count it toward passive ejection."""
+        index = self._index(target)
+        if index is None:
+            return  # removed by a reload meanwhile: nothing left to count it against
         self.resolvers[index].dial_failed()
         if self.trivial or self.loop is None:
             return
         self._transition(self.balancer.dial_failed(index, self.loop.time()))
 
-    def dial_succeeded(self, index: int, addr: SockAddr | None = None) -> None:
+    def dial_succeeded(self, target: int | TargetState, addr: SockAddr | None = None) -> None:
+        index = self._index(target)
+        if index is None:
+            return
         if addr is not None:
             self.resolvers[index].prefer(addr)
         if self.trivial or self.loop is None:

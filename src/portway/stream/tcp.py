@@ -748,10 +748,13 @@ class TCPStream(Endpoint):
         last: BaseException | None = None
         observer = self.observer
         started = self.loop.time() if observer is not None else 0.0
+        # The state of the member being dialed: it stays right when a reload moves the index.
+        dialing: TargetState | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 while (index := pool.pick(client, tried)) is not None:
                     conn.member = index
+                    dialing = pool.member_state(index)
                     addresses = pool.addresses(index)
                     for position, addr in enumerate(addresses):
                         try:
@@ -761,16 +764,17 @@ class TCPStream(Endpoint):
                             if exc.errno in _FD_EXHAUSTED:
                                 raise
                             continue
-                        pool.dial_succeeded(index, addr if position else None)
-                        conn.holding = pool.acquired(index)
+                        pool.dial_succeeded(dialing, addr if position else None)
+                        conn.holding = pool.acquired(dialing)
                         if observer is not None:
-                            observer.dialed(self.name, pool.key(index), self.loop.time() - started)
+                            observer.dialed(self.name, dialing.spec.key, self.loop.time() - started)
                         return transport
-                    pool.dial_failed(index)
+                    pool.dial_failed(dialing)
+                    dialing = None
                     tried.append(index)
         except TimeoutError:
-            if conn.member >= 0 and conn.member not in tried:
-                pool.dial_failed(conn.member)
+            if dialing is not None:
+                pool.dial_failed(dialing)
             raise
         if last is None:
             raise NoTarget

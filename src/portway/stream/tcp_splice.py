@@ -113,6 +113,7 @@ class SpliceConn:
         "counted",
         "dial_task",
         "dialed_at",
+        "dialing",
         "holding",
         "idle",
         "initial",
@@ -143,6 +144,8 @@ class SpliceConn:
         self.addrs: list[SockAddr] = []
         self.addr_index = 0
         self.tried: list[int] | None = None
+        #: The state of the member being dialed: it stays right when a reload moves the index.
+        self.dialing: TargetState | None = None
         #: Holds a place in the target's active count / the per-client limit until closed.
         self.counted = False
         #: The target's state while this connection counts as one of its active ones.
@@ -318,13 +321,15 @@ class SpliceConn:
                 self._dial_failed(last)
             return
         self.target = index
+        self.dialing = pool.member_state(index)
         self.addrs = pool.addresses(index)
         self.addr_index = 0
         self._try_next(last)
 
     def _target_failed(self, last: OSError) -> None:
         """Every address of the current target failed: count it, then try another target."""
-        self.stream.pool.dial_failed(self.target)
+        if self.dialing is not None:
+            self.stream.pool.dial_failed(self.dialing)
         if self.tried is None:
             self.tried = [self.target]
         else:
@@ -384,13 +389,14 @@ class SpliceConn:
             self.timer.cancel()
             self.timer = None
         pool = stream.pool
-        index = self.target
+        state = self.dialing
+        assert state is not None
         # Not the first address: dial this one first next time.
-        pool.dial_succeeded(index, self.target_addr if self.addr_index > 1 else None)
-        self.holding = pool.acquired(index)
+        pool.dial_succeeded(state, self.target_addr if self.addr_index > 1 else None)
+        self.holding = pool.acquired(state)
         observer = stream.observer
         if observer is not None:
-            observer.dialed(stream.name, pool.key(index), stream.loop.time() - self.dialed_at)
+            observer.dialed(stream.name, state.spec.key, stream.loop.time() - self.dialed_at)
         initial = self.initial
         if initial is not None:
             self.initial = None
@@ -406,8 +412,8 @@ class SpliceConn:
     def _dial_expired(self) -> None:
         self.timer = None
         if self.phase == _DIALING:
-            if self.target >= 0:
-                self.stream.pool.dial_failed(self.target)
+            if self.dialing is not None:
+                self.stream.pool.dial_failed(self.dialing)
             self._dial_failed(TimeoutError())
 
     def _dial_failed(self, exc: BaseException) -> None:

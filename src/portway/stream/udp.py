@@ -545,7 +545,9 @@ class UDPStream(Endpoint):
         another target (True: `data` went with it), or keep going where it is (False)."""
         pool = self.pool
         session.generation = pool.generation
-        if pool.trivial or (not session.unreachable and pool.is_up(session.member)):
+        member = self.current_member(session)
+        # A target a reload removed (-1) keeps its sessions until the grace period closes them.
+        if pool.trivial or (not session.unreachable and (member < 0 or pool.is_up(member))):
             session.unreachable = False
             return False
         moved = self._session_class(self, session.client)
@@ -559,9 +561,21 @@ class UDPStream(Endpoint):
         self.loop.create_task(self._open(moved))
         return True
 
+    def current_member(self, session: _Session) -> int:
+        """The index of the session's target in the pool as it is now (-1: a reload removed it).
+
+        A reload may add, remove or reorder targets under a live session, so the index it was
+        given at setup is refreshed from the target state it holds, which survives reloads.
+        """
+        holding = session.holding
+        if holding is not None:
+            index = self.pool.balancer.index_of(holding)
+            session.member = -1 if index is None else index
+        return session.member
+
     def target_error(self, session: _Session, exc: Exception) -> None:
         """The target refused a datagram (ICMP unreachable): logged like a failed TCP dial."""
-        if session.member >= 0:
+        if self.current_member(session) >= 0:
             self.pool.dial_failed(session.member)
         emit, suppressed = self._target_log.hit()
         if emit:
@@ -619,8 +633,11 @@ class UDPStream(Endpoint):
         pool = self.pool
         tried = list(session.exclude)
         last: OSError | None = None
+        state: TargetState | None = None
         while (index := pool.pick(client[0], tried)) is not None:
             sock = None
+            # Kept across the await below: a reload meanwhile may move the index, not the state.
+            state = pool.member_state(index)
             try:
                 family, addr = pool.addresses(index)[0]
                 sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -633,7 +650,7 @@ class UDPStream(Endpoint):
                 if sock is not None:
                     sock.close()
                 last = exc
-                pool.dial_failed(index)
+                pool.dial_failed(state)
                 tried.append(index)
                 continue
             break
@@ -657,7 +674,9 @@ class UDPStream(Endpoint):
                 self.observer.datagram_dropped(self.name, "no_target")
             session.close("dial_refused" if last is not None else "no_target")
             return
-        session.holding = pool.acquired(session.member)
+        assert state is not None
+        session.holding = pool.acquired(state)
+        self.current_member(session)
         if session.queue is None:  # the stream closed while we were setting up
             session.close()
             return
