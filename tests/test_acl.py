@@ -467,21 +467,21 @@ def test_deny_log_reports_first_denial_and_summarises_repeats() -> None:
         assert log.record("127.0.0.66") is None
     assert log.record("10.0.0.1") == "denied 10.0.0.1"
     clock.now += 9
-    assert log.drain() == []
+    assert log.summaries() == []
     clock.now += 1
-    assert log.drain() == ["denied 127.0.0.66 x 153 in the last 10s"]  # 10.0.0.1 was denied once
-    assert log.drain() == []
+    assert log.summaries() == ["denied 127.0.0.66 x 153 in the last 10s"]  # 10.0.0.1 was denied once
+    assert log.summaries() == []
     assert log.record("127.0.0.66") == "denied 127.0.0.66"  # a new window reports at once
 
 
-def test_deny_log_keeps_summaries_of_windows_ended_before_drain() -> None:
+def test_deny_log_keeps_summaries_of_windows_ended_before_they_are_read() -> None:
     clock = FakeClock()
     log = DenyLog(10, clock=clock)
     log.record("1.1.1.1")
     log.record("1.1.1.1")
     clock.now += 15
     assert log.record("1.1.1.1") == "denied 1.1.1.1"
-    assert log.drain() == ["denied 1.1.1.1 x 2 in the last 10s"]
+    assert log.summaries() == ["denied 1.1.1.1 x 2 in the last 10s"]
 
 
 def test_deny_log_force_flushes_open_windows() -> None:
@@ -490,8 +490,8 @@ def test_deny_log_force_flushes_open_windows() -> None:
     log.record("1.1.1.1")
     log.record("1.1.1.1")
     clock.now += 2.5
-    assert log.drain(force=True) == ["denied 1.1.1.1 x 2 in the last 2.5s"]
-    assert log.drain(force=True) == []
+    assert log.summaries(force=True) == ["denied 1.1.1.1 x 2 in the last 2.5s"]
+    assert log.summaries(force=True) == []
 
 
 def test_deny_log_is_bounded() -> None:
@@ -501,5 +501,5 @@ def test_deny_log_is_bounded() -> None:
     assert sum(line is not None for line in emitted) == 100
     assert len(log._windows) == 100
     clock.now += 10
-    assert log.drain() == ["denied 99900 more attempts not itemised (deny log full)"]
+    assert log.summaries() == ["denied 99900 more attempts not itemised (deny log full)"]
     assert len(log._windows) == 0

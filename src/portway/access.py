@@ -31,7 +31,7 @@ class AccessControl:
         self.log_allowed = log_allowed
         self.denials = DenyLog(DENY_LOG_INTERVAL)
         self._users = 0
-        self._drainer: asyncio.Task[None] | None = None
+        self._summariser: asyncio.Task[None] | None = None
 
     def admit(self, host: str, route: str) -> bool:
         """Whether `host` may connect to `route`; a lookup error (corrupt GeoIP data) denies."""
@@ -54,22 +54,22 @@ class AccessControl:
 
     def attach(self) -> None:
         self._users += 1
-        if self._drainer is None:
-            self._drainer = asyncio.get_running_loop().create_task(self._drain_periodically())
+        if self._summariser is None:
+            self._summariser = asyncio.get_running_loop().create_task(self._summarise_periodically())
 
     def detach(self) -> None:
         self._users -= 1
-        if self._users <= 0 and self._drainer is not None:
+        if self._users <= 0 and self._summariser is not None:
             self._users = 0
-            self._drainer.cancel()
-            self._drainer = None
+            self._summariser.cancel()
+            self._summariser = None
             self._flush(force=True)
 
-    async def _drain_periodically(self) -> None:
+    async def _summarise_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.denials.interval)
             self._flush()
 
     def _flush(self, *, force: bool = False) -> None:
-        for line in self.denials.drain(force=force):
+        for line in self.denials.summaries(force=force):
             self.log.info(line, extra={"action": "deny"})

@@ -31,7 +31,7 @@ per address for `cache_ttl` seconds in an LRU of at most `cache_size` entries, s
 distinct (possibly spoofed-via-PROXY) sources cannot grow memory without bound.
 
 `DenyLog` turns a stream of denials into few log lines: the first denial of an address in a
-window is reported at once, repeats are counted and summarised by `drain()`, which the caller
+window is reported at once, repeats are counted and summarised by `summaries()`, which the caller
 runs on a timer (every `interval` seconds) and at shutdown with ``force=True``.
 """
 
@@ -380,7 +380,7 @@ class DenyLog:
     """Aggregate denied attempts per address into at most two lines per `interval` seconds.
 
     `record` returns the line to log now (first denial of an address in its window) or None
-    (a repeat, counted). `drain` returns summaries like ``"denied 127.0.0.66 x 153 in the last
+    (a repeat, counted). `summaries` returns lines like ``"denied 127.0.0.66 x 153 in the last
     10s"`` for windows that have ended. At most `max_addresses` windows are tracked; denials
     from further addresses while it is full are only counted, so a flood of sources costs
     bounded memory and a bounded number of lines.
@@ -414,7 +414,7 @@ class DenyLog:
         self._windows[address] = _Window(now, 1)
         return f"denied {address} ({reason})" if reason else f"denied {address}"
 
-    def drain(self, *, force: bool = False) -> list[str]:
+    def summaries(self, *, force: bool = False) -> list[str]:
         """Return summaries of ended windows (all windows with `force`, e.g. at shutdown)."""
         now = self._clock()
         if force:
@@ -443,7 +443,7 @@ class DenyLog:
         if count <= 1:
             return  # the single denial was already reported by record()
         if len(self._pending) >= self._max:
-            # drain() is not being called; keep memory bounded and say so later.
+            # summaries() is not being called; keep memory bounded and say so later.
             self._unlisted += count - 1
             return
         self._pending.append(f"denied {address} x {count} in the last {round(seconds, 1):g}s")
