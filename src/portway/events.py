@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 __all__ = [
     "CLOSE_REASONS",
@@ -43,20 +43,7 @@ CloseReason = Literal[
     "shutdown",
     "error",
 ]
-CLOSE_REASONS: tuple[CloseReason, ...] = (
-    "normal",
-    "client_reset",
-    "target_reset",
-    "dial_refused",
-    "dial_timeout",
-    "no_target",
-    "acl_denied",
-    "limit",
-    "idle_timeout",
-    "peek_timeout",
-    "shutdown",
-    "error",
-)
+CLOSE_REASONS: tuple[CloseReason, ...] = get_args(CloseReason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from pydantic import ValidationError
 from portway.addr import PortSpec, is_udp
 from portway.config.schema import RouteConfig
 from portway.providers.docker_labels import Skip, routes_from_labels, target_for_container
+from portway.providers.snapshots import Snapshots
 
 __all__ = [
     "ContainerInfo",
@@ -151,7 +152,7 @@ def _maybe_route(alias: str, raw: Mapping[str, Any], where: str, problems: list[
         return None
 
 
-class DockerProvider:
+class DockerProvider(Snapshots):
     """One Docker daemon's containers as routes; ``routes`` is always the last good snapshot.
 
     ``start()`` launches the watcher thread; `on_change` runs on the event loop whenever the
@@ -163,17 +164,14 @@ class DockerProvider:
         self.url = url
         self.explicit_only = explicit_only
         self.host_address = host_address_for(url)
-        self.on_change = on_change
+        super().__init__(on_change)
         self.current = ProvidedRoutes()
-        #: Set once the first snapshot arrived (tests and startup wait on it).
-        self.synced = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._client: Any = None
         self._events: Any = None
-        self._waiters: list[asyncio.Future[None]] = []
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -198,23 +196,9 @@ class DockerProvider:
         provided = routes_from_containers(
             self.name, containers, explicit_only=self.explicit_only, host_address=self.host_address
         )
-        for problem in provided.problems:
-            log.warning(problem, extra={"provider": self.name, "action": "skip"})
         changed = provided.routes != self.current.routes or provided.origins != self.current.origins
         self.current = provided
-        self.synced.set()
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        if changed:
-            self.on_change()
-
-    async def next_snapshot(self) -> None:
-        """Return after the next snapshot from the daemon has been processed."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        await waiter
+        self.published(changed, provided.problems, provider=self.name, logger=log)
 
     # -- the watcher thread
 

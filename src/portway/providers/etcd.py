@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 
 from portway.providers.kv import KVRoutes, KVRouteTable, Outage
+from portway.providers.snapshots import Snapshots
 
 __all__ = ["EtcdProvider", "prefix_range_end"]
 
@@ -84,7 +85,7 @@ def _key(kv: dict[str, Any]) -> str:
     return _unb64(kv.get("key")).decode("utf-8", errors="replace")
 
 
-class EtcdProvider:
+class EtcdProvider(Snapshots):
     """Routes under `prefix` in an etcd cluster; ``current`` is always the last good snapshot.
 
     Same shape as ``DockerProvider``: ``start()`` on the running loop, ``await stop()``, and
@@ -107,19 +108,16 @@ class EtcdProvider:
     ) -> None:
         self.endpoints = list(endpoints)
         self.prefix = prefix
-        self.on_change = on_change
+        super().__init__(on_change)
         self.username = username
         self.password_file = password_file
         self.ca, self.cert, self.key = ca, cert, key
         self.table = KVRouteTable("etcd", prefix)
-        #: Set once the first snapshot arrived (tests and startup wait on it).
-        self.synced = asyncio.Event()
         #: The endpoint that answered last, tried first next time.
         self.endpoint = self.endpoints[0]
         #: The next revision the watch resumes from (0 before the first read).
         self.next_revision = 0
         self._task: asyncio.Task[None] | None = None
-        self._waiters: list[asyncio.Future[None]] = []
         self._key_bytes = prefix.encode()
 
     @property
@@ -134,24 +132,10 @@ class EtcdProvider:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def next_snapshot(self) -> None:
-        """Return after the next change from the store has been applied (or a re-read)."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        await waiter
-
     # -- applying what the store says
 
     def _applied(self, changed: bool, problems: list[str]) -> None:
-        for problem in problems:
-            log.warning(problem, extra={"provider": "etcd", "action": "skip"})
-        self.synced.set()
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        if changed:
-            self.on_change()
+        self.published(changed, problems, provider="etcd", logger=log)
 
     # -- the loop
 

@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from portway.providers.kv import KVRoutes, KVRouteTable, Outage, routes_prefix
+from portway.providers.snapshots import Snapshots
 
 __all__ = ["NOTIFY_FLAGS", "RedisProvider", "glob_escape", "notify_flags_to_set"]
 
@@ -59,7 +60,7 @@ def notify_flags_to_set(current: str) -> str | None:
     return current + "".join(missing) if missing else None
 
 
-class RedisProvider:
+class RedisProvider(Snapshots):
     """Routes under `prefix` in one Redis database; ``current`` is always the last good snapshot.
 
     Same shape as ``DockerProvider``: ``start()`` on the running loop, ``await stop()``, and
@@ -79,17 +80,14 @@ class RedisProvider:
     ) -> None:
         self.url = url
         self.prefix = prefix
-        self.on_change = on_change
+        super().__init__(on_change)
         self.password_file = password_file
         self.poll_interval = poll_interval
         self.table = KVRouteTable("redis", prefix)
-        #: Set once the first snapshot arrived (tests and startup wait on it).
-        self.synced = asyncio.Event()
         #: Whether keyspace notifications are flowing on the current connection.
         self.notifications = False
         self._said_no_notifications = False
         self._task: asyncio.Task[None] | None = None
-        self._waiters: list[asyncio.Future[None]] = []
         self._keys = routes_prefix(prefix)
 
     @property
@@ -104,22 +102,8 @@ class RedisProvider:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def next_snapshot(self) -> None:
-        """Return after the next notification or re-read has been applied."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        await waiter
-
     def _applied(self, changed: bool, problems: list[str]) -> None:
-        for problem in problems:
-            log.warning(problem, extra={"provider": "redis", "action": "skip"})
-        self.synced.set()
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        if changed:
-            self.on_change()
+        self.published(changed, problems, provider="redis", logger=log)
 
     # -- the loop
 

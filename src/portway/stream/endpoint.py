@@ -15,7 +15,7 @@ from portway.addr import Network, family_of, format_hostport, parse_hostport
 from portway.events import Observer
 from portway.limits import ClientLimits
 from portway.logs import BurstLog, ConnectionLog, connection_log
-from portway.stream.base import Address, Direction, HookContext, StreamDescription
+from portway.stream.base import Address, Direction, Hook, HookContext, StreamDescription, addr_str
 from portway.stream.listen import bind_socket, listen_family
 from portway.stream.pool import PoolMember, TargetPool
 
@@ -68,6 +68,8 @@ class Endpoint:
         #: Whoever wants the lifecycle events (metrics, access log); None costs one test per event.
         self.observer = observer
         self._limit_log = BurstLog(5.0)
+        #: Runs before each dial (per TCP connection, per new UDP session); set when serving starts.
+        self.pre_dial: Hook | None = None
         self._sock: socket.socket | None = None
         self._local: Address | None = None
         self.fields: dict[str, str] = {}
@@ -116,6 +118,22 @@ class Endpoint:
             direction=direction,
             data=data,
         )
+
+    async def passes_pre_dial(self, client: Any) -> bool:
+        """Run the `pre_dial` hook for `client`: False (logged) if it raised, so the caller closes
+        the connection or drops the session before anything is dialed."""
+        hook = self.pre_dial
+        if hook is None:
+            return True
+        try:
+            await hook(self.hook_context(client))
+        except Exception as exc:
+            self.LOG.info(
+                "rejected by pre_dial hook",
+                extra={**self.fields, "client": addr_str(client), "action": "reject", "error": repr(exc)},
+            )
+            return False
+        return True
 
     def log_accepted(self, client: str) -> None:
         """The INFO line for a new connection or session, pre-rendered when logging allows it."""

@@ -298,21 +298,7 @@ class _Client(asyncio.Protocol):
 
     async def _dial(self) -> None:
         stream = self.stream
-        try:
-            if stream.pre_dial is not None:
-                await stream.pre_dial(stream.hook_context(self.client))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.info(
-                "rejected by pre_dial hook",
-                extra={
-                    **stream.fields,
-                    "client": addr_str(self.client),
-                    "action": "reject",
-                    "error": repr(exc),
-                },
-            )
+        if not await stream.passes_pre_dial(self.client):
             self.reason = "error"
             _abort(self.transport)
             return

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from portway.balance import TargetState
     from portway.events import Observer
     from portway.proxy_header import ProxyProtocolPolicy
-    from portway.stream.base import Hook, HookContext
+    from portway.stream.base import Hook
     from portway.stream.pool import TargetPool
     from portway.stream.resolve import SockAddr
     from portway.stream.splice import PipePool
@@ -73,7 +73,7 @@ class TCPRoute(Protocol):
 
     @property
     def conns(self) -> set[Any]: ...
-    def hook_context(self, client: Any) -> HookContext: ...
+    async def passes_pre_dial(self, client: Any) -> bool: ...
     def log_accepted(self, client: str) -> None: ...
     def over_limit(self, live: int, client: str) -> str | None: ...
     def log_limited(self, client: str, reason: str) -> None: ...
@@ -275,27 +275,14 @@ class SpliceConn:
         self.dial_task = self.stream.loop.create_task(self._pre_dial())
 
     async def _pre_dial(self) -> None:
-        stream = self.stream
-        assert stream.pre_dial is not None
         try:
-            await stream.pre_dial(stream.hook_context(self.client))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.info(
-                "rejected by pre_dial hook",
-                extra={
-                    **stream.fields,
-                    "client": addr_str(self.client),
-                    "action": "reject",
-                    "error": repr(exc),
-                },
-            )
+            passed = await self.stream.passes_pre_dial(self.client)
+        finally:
+            self.dial_task = None
+        if not passed:
             self.reason = "error"
             self._close()
             return
-        finally:
-            self.dial_task = None
         if self.phase == _ADMITTING:
             self._dial()
 

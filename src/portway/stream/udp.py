@@ -612,22 +612,10 @@ class UDPStream(Endpoint):
 
     async def _open(self, session: _Session) -> None:
         client = session.client
-        if self.pre_dial is not None:
-            try:
-                await self.pre_dial(self.hook_context(client))
-            except Exception as exc:
-                log.info(
-                    "rejected by pre_dial hook",
-                    extra={
-                        **self.fields,
-                        "client": _client_str(client),
-                        "action": "reject",
-                        "error": repr(exc),
-                    },
-                )
-                self.sessions.remove(client, session)
-                session.close("error")
-                return
+        if not await self.passes_pre_dial(client):
+            self.sessions.remove(client, session)
+            session.close("error")
+            return
         if session.queue is None:  # closed while the hook ran
             return
         pool = self.pool
