@@ -68,7 +68,7 @@ _failure: str | None = None
 
 
 def _unavailable(reason: str) -> None:
-    banner = f"\n{'!' * 20} NO DOCKER ENGINE: {reason} {'!' * 20}"
+    banner = f"{'!' * 20} NO DOCKER ENGINE: {reason} {'!' * 20}"
     if os.environ.get(ENV_REQUIRE) == "1":
         pytest.fail(banner, pytrace=False)
     pytest.skip(banner)
