@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -168,6 +169,39 @@ async def test_target_icmp_error_does_not_kill_listener(udp_echo: UDPEchoTarget)
         client.close()
         other.close()
         revived.transport.close()
+    finally:
+        await down.close()
+
+
+async def test_target_refusal_is_logged_at_warning_like_a_failed_tcp_dial(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A UDP target that refuses (ICMP port unreachable) is visible at the default level, once per
+    burst: 20 refused datagrams make one WARNING, not 20 lines and not a DEBUG line."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    down = UDPStream("udp4", "127.0.0.1:0", f"127.0.0.1:{dead}", name="game")
+    await down.listen_and_serve()
+    try:
+        with caplog.at_level(logging.INFO, logger="portway"):
+            client = await client_for(down)
+            for _ in range(20):
+                client.send(b"anyone?")
+                await asyncio.sleep(0)
+
+            def refused() -> list[logging.LogRecord]:
+                return [r for r in caplog.records if r.getMessage() == "target unreachable"]
+
+            await wait_until(lambda: refused())
+            client.send(b"once more")
+            with pytest.raises(TimeoutError):
+                await client.recv(timeout=0.2)
+        (record,) = refused()
+        assert record.levelno == logging.WARNING
+        assert getattr(record, "route", None) == "game"
+        assert getattr(record, "target", None) == f"127.0.0.1:{dead}"
+        client.close()
     finally:
         await down.close()
 
