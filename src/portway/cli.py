@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -28,7 +29,7 @@ from portway.logs import BatchingHandler, LoopErrorLog, setup_logging
 from portway.loops import loop_factory, loop_name
 from portway.server import Server
 from portway.stream.listen import bind_socket, listen_family
-from portway.supervisor import Supervisor, cpu_count
+from portway.supervisor import CONTROL_SOCKET_ENV, Supervisor, cpu_count
 
 log = logging.getLogger("portway")
 
@@ -136,7 +137,21 @@ def serve(
     except PortwayError as exc:
         _fail(exc, EXIT_RUNTIME)
 
+    def control(listener: socket.socket, ready: Callable[[], None]) -> int:
+        from portway.control import run_control
+
+        logging.getLogger("portway").addFilter(_WorkerField("control"))
+        return _run(
+            factory,
+            lambda: run_control(
+                config_path, listener, port_overrides=dict(overrides), sources=sources, on_ready=ready
+            ),
+            exit_on_error=False,
+        )
+
     def worker(index: int, ready: Callable[[], None]) -> int:
+        from portway.worker import serve_worker
+
         root = logging.getLogger("portway")
         root.addFilter(_WorkerField(index))
 
@@ -147,20 +162,15 @@ def serve(
 
         return _run(
             factory,
-            lambda: serve_live(
-                config_path,
-                grace,
-                reuse_port=True,
-                port_overrides=overrides,
-                on_ready=serving,
-                sources=sources,
+            lambda: serve_worker(
+                os.environ[CONTROL_SOCKET_ENV], index, config_path=config_path, grace=grace, on_ready=serving
             ),
             exit_on_error=False,
         )
 
     # The supervisor waits this long (plus a margin) before killing a worker that will not stop.
     shutdown_grace = grace if grace is not None else config.grace_period
-    sys.exit(Supervisor(workers, worker, grace=shutdown_grace).run())
+    sys.exit(Supervisor(workers, worker, grace=shutdown_grace, control=control).run())
 
 
 @main.command()
@@ -304,7 +314,7 @@ def reserve_listeners(config: Config) -> dict[str, int]:
 class _WorkerField(logging.Filter):
     """Tags every log record of a worker process with its index."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int | str) -> None:
         super().__init__()
         self.index = index
 
