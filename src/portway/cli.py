@@ -140,7 +140,8 @@ def serve(
     def control(listener: socket.socket, ready: Callable[[], None]) -> int:
         from portway.control import run_control
 
-        logging.getLogger("portway").addFilter(_WorkerField("control"))
+        for handler in logging.getLogger("portway").handlers:
+            handler.addFilter(_WorkerField("control"))  # also the records of portway.* loggers
         return _run(
             factory,
             lambda: run_control(
@@ -153,7 +154,8 @@ def serve(
         from portway.worker import serve_worker
 
         root = logging.getLogger("portway")
-        root.addFilter(_WorkerField(index))
+        for handler in root.handlers:
+            handler.addFilter(_WorkerField(index))  # also the records of portway.* loggers
 
         def serving() -> None:
             for handler in root.handlers:

@@ -271,7 +271,7 @@ class ControlPlane(LiveServer):
                 "a worker could not apply the routes",
                 extra={
                     "action": "reload",
-                    "worker": worker,
+                    "from_worker": worker,
                     "version": message.get("version"),
                     "route": route,
                     "error": error,

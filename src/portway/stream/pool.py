@@ -333,9 +333,9 @@ class TargetPool:
         await asyncio.sleep(first_probe_in(check.interval, random.random()))
         while True:
             ok, reason = await self._probe_once(index, check)
-            self._transition(self.balancer.probe_result(index, ok, loop.time(), reason))
-            if self.on_probe is not None:
+            if self.on_probe is not None:  # first: the workers hear it before anyone reads the log
                 self.on_probe(self.route, self.members[index].key, ok, reason)
+            self._transition(self.balancer.probe_result(index, ok, loop.time(), reason))
             await asyncio.sleep(next_probe_in(check.interval, random.random()))
 
     async def _probe_once(self, index: int, check: HealthCheck) -> tuple[bool, str]:
