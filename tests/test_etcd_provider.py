@@ -294,34 +294,51 @@ async def echo_through(port: int, data: bytes) -> bytes:
         writer.close()
 
 
+async def every_worker_logged(pw: PortwayProcess, event: str, workers: int, after: int) -> None:
+    """Wait until `event` was logged `workers` times after record `after` (once per worker)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2
+    while sum(r.get("event") == event for r in pw.records[after:]) < workers:
+        await pw.wait_for(event, timeout=max(0.01, deadline - loop.time()), after=len(pw.records))
+
+
 async def test_two_portway_processes_follow_the_same_store(
     tmp_path: Path, cluster: EtcdCluster, prefix: str, tcp_echo: TCPEchoTarget
 ) -> None:
-    """A fleet in miniature: two `portway serve` processes, one store, every change reaches both."""
-    config = tmp_path / "portway.yml"
+    """A fleet in miniature: two `portway serve` processes, one with two workers fed by its control
+    plane, one store; every change reaches every worker of both within 2 s."""
     endpoints = ", ".join(cluster.endpoints)
-    config.write_text(f"providers:\n  etcd: {{endpoints: [{endpoints}], prefix: {prefix}}}\n")
-    fleet = [await PortwayProcess.serve(config, current_loop_kind()) for _ in range(2)]
+    fleet: list[tuple[PortwayProcess, int]] = []
+    for workers in (1, 2):
+        config = tmp_path / f"portway-{workers}.yml"
+        config.write_text(
+            f"workers: {workers}\nproviders:\n  etcd: {{endpoints: [{endpoints}], prefix: {prefix}}}\n"
+        )
+        fleet.append((await PortwayProcess.serve(config, current_loop_kind()), workers))
     try:
-        for pw in fleet:
-            await pw.wait_for("portway serving")
-        # Port 0: both instances run on this one machine, so each takes a free port of its own.
+        for pw, workers in fleet:
+            await pw.wait_for("portway serving" if workers == 1 else "workers serving", timeout=20)
+        # Port 0: both instances run on this one machine, so each takes a free port of its own
+        # (and the control plane of the one with two workers picks one for both of them).
         fleet_route = f"bind: 127.0.0.1\nhost: 127.0.0.1\nport: 0:{tcp_echo.port}\n"
+        marks = [len(pw.records) for pw, _ in fleet]
         cluster.put(f"{prefix}routes/fleet", fleet_route)
-        for pw in fleet:
-            await pw.wait_for("route started", timeout=2)
-            assert await echo_through(pw.port_of("fleet"), b"hello") == b"hello"
-        marks = [len(pw.records) for pw in fleet]
+        for (pw, workers), mark in zip(fleet, marks, strict=True):
+            await every_worker_logged(pw, "route started", workers, mark)
+            assert len({r["listen"] for r in pw.records[mark:] if r.get("event") == "route started"}) == 1
+            for i in range(4):
+                assert await echo_through(pw.port_of("fleet"), b"hello%d" % i) == b"hello%d" % i
+        marks = [len(pw.records) for pw, _ in fleet]
         cluster.put(f"{prefix}routes/fleet", fleet_route + "idle_timeout: 1m\n")
-        for pw, mark in zip(fleet, marks, strict=True):
-            await pw.wait_for("route started", timeout=2, after=mark)
+        for (pw, workers), mark in zip(fleet, marks, strict=True):
+            await every_worker_logged(pw, "route started", workers, mark)
             assert await echo_through(pw.port_of("fleet"), b"again") == b"again"
-        marks = [len(pw.records) for pw in fleet]
+        marks = [len(pw.records) for pw, _ in fleet]
         cluster.delete(f"{prefix}routes/fleet")
-        for pw, mark in zip(fleet, marks, strict=True):
-            await pw.wait_for("route removed, draining", timeout=2, after=mark)
+        for (pw, workers), mark in zip(fleet, marks, strict=True):
+            await every_worker_logged(pw, "route removed, draining", workers, mark)
     finally:
-        for pw in fleet:
+        for pw, _ in fleet:
             assert await pw.stop() == 0
 
 
