@@ -16,7 +16,7 @@ from portway.app import LiveServer
 from portway.providers.etcd import EtcdProvider
 from tests.conftest import current_loop_kind
 from tests.kv_servers import EtcdCluster, LogWatch, TLSFiles, until
-from tests.portway_process import PortwayProcess
+from tests.portway_process import PortwayProcess, run_cli
 from tests.targets import TCPEchoTarget
 
 
@@ -362,3 +362,35 @@ async def test_a_server_that_is_not_etcd_is_an_outage_not_a_dead_provider() -> N
     finally:
         await provider.stop()
         server.close()
+
+
+async def test_check_with_providers_shows_every_source(
+    tmp_path: Path, cluster: EtcdCluster, prefix: str
+) -> None:
+    endpoints = ", ".join(cluster.endpoints)
+    config = tmp_path / "portway.yml"
+    config.write_text(
+        f"providers:\n  etcd: {{endpoints: [{endpoints}], prefix: {prefix}}}\n"
+        "routes:\n  infile:\n    host: 127.0.0.1\n    port: 0:22\n"
+    )
+    cluster.put(f"{prefix}routes/instore", "bind: 127.0.0.1\nhost: 127.0.0.1\nport: 0:23\n")
+    status, out, err = await run_cli("check", "-c", str(config), "--offline", "--providers")
+    assert status == 0, err
+    sources = out.split("ROUTE  ", 2)[2].splitlines()[1:3]
+    assert sources[0].startswith("infile") and str(config) in sources[0]
+    assert sources[1].startswith("instore") and f"{prefix}routes/instore" in sources[1]
+    assert out.rstrip().endswith("2 route(s) from every source, OK")
+    # Without the flag, check reads the file alone (it runs where the stores may be unreachable).
+    status, out, _err = await run_cli("check", "-c", str(config), "--offline")
+    assert status == 0 and "instore" not in out
+
+
+async def test_check_with_an_unreachable_store_says_its_routes_are_missing(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    config = tmp_path / "portway.yml"
+    config.write_text(f"providers:\n  etcd: {{endpoints: [http://127.0.0.1:{dead}]}}\n")
+    status, _out, err = await run_cli("check", "-c", str(config), "--providers", "--provider-timeout", "0.5")
+    assert status == 1
+    assert "portway: error: etcd provider: no answer within 0.5s; its routes are missing" in err

@@ -182,11 +182,26 @@ def serve(
     is_flag=True,
     help="A target name that does not resolve is a warning, not an error (checking away from its DNS).",
 )
-def check(config_path: str, offline: bool) -> None:
+@click.option(
+    "--providers",
+    "with_providers",
+    is_flag=True,
+    help="Also read the Docker, etcd and Redis providers once and show the merged routes with "
+    "the source of each (exit 1 if one does not answer within --provider-timeout).",
+)
+@click.option(
+    "--provider-timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for each provider's first snapshot (with --providers).",
+)
+def check(config_path: str, offline: bool, with_providers: bool, provider_timeout: float) -> None:
     """Validate a config file as strictly as `serve` would, and print what it will run.
 
     Opens the GeoIP databases and ACL log files and resolves every target name, as serve does
-    before listening; binds nothing.
+    before listening; binds nothing. With --providers, also asks the Docker daemons and the
+    stores the file names for their routes (read only) and prints the merged set.
     """
     try:
         sources = load_config(config_path)
@@ -194,8 +209,27 @@ def check(config_path: str, offline: bool) -> None:
         _fail(exc, EXIT_CONFIG)
     _preflight_or_fail(sources, offline=offline)
     config = sources.config
-    click.echo(describe(config))
-    click.echo(f"\n{config_path}: {len(config.routes)} route(s), OK")
+    if not with_providers:
+        click.echo(describe(config))
+        click.echo(f"\n{config_path}: {len(config.routes)} route(s), OK")
+        return
+    from pathlib import Path
+
+    from portway.providers.snapshot import read_every_source
+
+    every = asyncio.run(read_every_source(sources, Path(config_path).parent, provider_timeout))
+    click.echo(describe(config.model_copy(update={"routes": every.routes})))
+    width = max((len(name) for name in every.origins), default=5)
+    click.echo("\n" + "ROUTE".ljust(width) + "  SOURCE")
+    for name, origin in every.origins.items():
+        click.echo(f"{name.ljust(width)}  {origin}")
+    for problem in every.problems:
+        _report(PortwayError(problem), warning=True)
+    for label in every.silent:
+        _report(PortwayError(f"{label}: no answer within {provider_timeout:g}s; its routes are missing"))
+    if every.silent:
+        sys.exit(EXIT_RUNTIME)
+    click.echo(f"\n{config_path}: {len(every.routes)} route(s) from every source, OK")
 
 
 @main.command()
