@@ -234,3 +234,30 @@ async def test_one_docker_event_stream_per_instance(
                 await pw.wait_for("route started", after=len(pw.records), timeout=5)
     finally:
         assert await pw.stop() == 0
+
+
+async def test_a_killed_control_plane_comes_back_and_the_workers_keep_serving(
+    tmp_path: Path, tcp_echo: TCPEchoTarget
+) -> None:
+    config = tmp_path / "w.yml"
+    base = "workers: 2\nroutes:\n" + route_yaml("t", scheme="tcp4", port=f"0:{tcp_echo.port}")
+    pw, pids = await start(config, base)
+    try:
+        with_added = base + route_yaml("added", scheme="tcp4", port=f"0:{tcp_echo.port}")
+        await reload(pw, config, with_added)
+        port = pw.port_of("added")
+        (control,) = set(_children(pw.proc.pid)) - set(pids)
+        mark = len(pw.records)
+        os.kill(control, signal.SIGKILL)
+        await pw.wait_for("control plane exited; restarting", after=mark)
+        await pw.wait_for("control plane serving", after=mark)
+        await spread(port, pids)  # served all along, by the same workers
+        # The new control plane kept the port it had picked: nothing was rebound.
+        more = with_added + route_yaml("more", scheme="tcp4", port=f"0:{tcp_echo.port}")
+        after = await reload(pw, config, more)
+        started = {r["route"] for r in pw.records[mark:] if r.get("event") == "route started"}
+        assert started == {"more"}
+        assert pw.records[after:] and pw.port_of("added") == port
+        await spread(pw.port_of("more"), pids)
+    finally:
+        assert await pw.stop() == 0

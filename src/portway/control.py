@@ -20,7 +20,9 @@ children inherit held locks and deadlock. The supervisor stays single-threaded a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -125,6 +127,12 @@ class ControlPlane(LiveServer):
     ) -> None:
         super().__init__(path, port_overrides=port_overrides, sources=sources, on_ready=on_ready)
         self.listener = listener
+        #: Where the ports picked for port-0 routes are kept, so a restarted control plane gives
+        #: each route the port its workers already serve (the supervisor's private directory).
+        self.ports_file = os.path.join(os.path.dirname(listener.getsockname()), "ports.json")
+        self.port_overrides.update(_read_ports(self.ports_file))
+        #: None until the first plan writes the file (its presence marks a restarted control plane).
+        self._saved_ports: dict[str, int] | None = None
         self.version = 0
         self.config: Config | None = None
         self.files_reloaded = False
@@ -132,7 +140,7 @@ class ControlPlane(LiveServer):
         self.health = HealthPlane(self._forward_probe)
 
     async def run(self, stop: asyncio.Event, *, shutdown_grace: float | None = None) -> None:
-        self.sources = self._initial if self._initial is not None else load_config(self.path)
+        self.sources = self._starting_sources()
         server = await asyncio.start_unix_server(self._serve_worker, sock=self.listener)
         try:
             self._sync_providers()
@@ -167,6 +175,24 @@ class ControlPlane(LiveServer):
             for writer in list(self.links):
                 writer.close()
 
+    def _starting_sources(self) -> Sources:
+        """What the CLI read at boot, for the first control plane; a restarted one re-reads the
+        files (the workers serve what they said at the crash, not at boot), and only if they
+        no longer validate falls back to the boot version, saying so."""
+        restarted = os.path.exists(self.ports_file)
+        if self._initial is not None and not restarted:
+            return self._initial
+        try:
+            return load_config(self.path)
+        except ConfigError as exc:
+            if self._initial is None:
+                raise
+            log.error(
+                f"restarted, but the config no longer validates; serving it as it was at startup: {exc}",
+                extra={"action": "start", "file": exc.file, "line": exc.line, "route": exc.route},
+            )
+            return self._initial
+
     async def _reload(self) -> None:
         assert self.sources is not None
         files = False
@@ -179,6 +205,8 @@ class ControlPlane(LiveServer):
                     f"reload refused, the running routes are unchanged: {exc}",
                     extra={"action": "reload", "file": exc.file, "line": exc.line, "route": exc.route},
                 )
+                for writer in list(self.links):
+                    send(writer, {"type": "refused"})  # counted in the reload metrics
                 await self._notify()
                 return
             files = True
@@ -206,6 +234,9 @@ class ControlPlane(LiveServer):
                 del routes[name]
                 continue
             routes[name] = with_override(name, route, self.port_overrides)
+        if self.port_overrides != self._saved_ports:
+            _write_ports(self.ports_file, self.port_overrides)
+            self._saved_ports = dict(self.port_overrides)
         return config.model_copy(update={"routes": routes})
 
     async def _publish(self, *, files: bool) -> None:
@@ -277,6 +308,26 @@ class ControlPlane(LiveServer):
                     "error": error,
                 },
             )
+
+
+def _read_ports(path: str) -> dict[str, int]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}  # the first control plane of this instance: nothing picked yet
+    return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _write_ports(path: str, ports: dict[str, int]) -> None:
+    """Written whole and renamed over the old file: a crash never leaves half a file."""
+    partial = path + ".new"
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            json.dump(ports, f)
+        os.replace(partial, path)
+    except OSError as exc:
+        log.warning("cannot keep the picked ports for a restart", extra={"error": str(exc)})
 
 
 async def run_control(

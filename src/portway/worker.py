@@ -148,6 +148,8 @@ class LinkedWorker:
                 self.observability.reloaded(not failed)
             errors = {name: str(exc) for name, exc in failed.items()}
             send(writer, {"type": "applied", "version": message["version"], "failed": errors})
+        elif kind == "refused":
+            self.observability.reloaded(False)
         elif kind == "probe":
             pool = self.server.pools.get(message["route"])
             if pool is not None:

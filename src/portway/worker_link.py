@@ -18,6 +18,8 @@ worker ->  ``applied``  ``version``, ``failed`` (route -> error text; empty when
 control -> ``health``   ``route``, ``target``, ``up``, ``successes``, ``failures``: a target's
                         active-check state, sent after every ``routes`` (a new or restarted
                         worker starts with the instance's health, not "all up")
+control -> ``refused``  (no fields): a re-read of the files failed validation; nothing changes,
+                        the worker counts a failed reload in its metrics
 control -> ``probe``    ``route``, ``target``, ``ok``, ``reason``: one probe's result, which
                         each worker feeds into its balancer (the hysteresis is deterministic,
                         so every worker reaches the same state)
