@@ -43,6 +43,9 @@ __all__ = ["ControlPlane", "HealthPlane", "reserve_port"]
 
 log = logging.getLogger("portway.control")
 
+#: Bytes queued to one worker past which probe results are dropped for it (about 10,000 results).
+_PROBE_BACKLOG = 1 << 20
+
 
 def reserve_port(name: str, route: RouteConfig) -> int:
     """A free port for a route written with listening port 0, checked with SO_REUSEPORT as the
@@ -271,7 +274,10 @@ class ControlPlane(LiveServer):
     def _forward_probe(self, route: str, target: str, ok: bool, reason: str) -> None:
         message = {"type": "probe", "route": route, "target": target, "ok": ok, "reason": reason}
         for writer in list(self.links):
-            send(writer, message)
+            # A worker that stopped reading (stuck, or being killed) must not grow our memory
+            # without bound: it misses results, and the next route set's snapshot resyncs it.
+            if writer.transport.get_write_buffer_size() < _PROBE_BACKLOG:
+                send(writer, message)
 
     async def _serve_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         index: int | None = None
