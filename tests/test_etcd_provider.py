@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -394,3 +396,32 @@ async def test_check_with_an_unreachable_store_says_its_routes_are_missing(tmp_p
     status, _out, err = await run_cli("check", "-c", str(config), "--providers", "--provider-timeout", "0.5")
     assert status == 1
     assert "portway: error: etcd provider: no answer within 0.5s; its routes are missing" in err
+
+
+async def test_a_restarted_control_plane_keeps_the_store_routes_up(
+    tmp_path: Path, cluster: EtcdCluster, prefix: str, tcp_echo: TCPEchoTarget
+) -> None:
+    """Its first route set waits for the store: the workers never see the store's routes vanish."""
+    endpoints = ", ".join(cluster.endpoints)
+    config = tmp_path / "portway.yml"
+    config.write_text(f"workers: 2\nproviders:\n  etcd: {{endpoints: [{endpoints}], prefix: {prefix}}}\n")
+    pw = await PortwayProcess.serve(config, current_loop_kind())
+    try:
+        ready = await pw.wait_for("workers serving", timeout=20)
+        mark = len(pw.records)
+        cluster.put(f"{prefix}routes/kept", f"bind: 127.0.0.1\nhost: 127.0.0.1\nport: 0:{tcp_echo.port}\n")
+        await every_worker_logged(pw, "route started", 2, mark)
+        port = pw.port_of("kept")
+        children = pw.children()
+        (control,) = set(children) - set(ready["pids"])
+        mark = len(pw.records)
+        os.kill(control, signal.SIGKILL)
+        await pw.wait_for("control plane serving", after=mark, timeout=10)
+        cluster.put(f"{prefix}routes/later", f"bind: 127.0.0.1\nhost: 127.0.0.1\nport: 0:{tcp_echo.port}\n")
+        await every_worker_logged(pw, "route started", 2, mark)
+        events = [(r.get("event"), r.get("route")) for r in pw.records[mark:]]
+        assert ("route removed, draining", "kept") not in events
+        assert {route for event, route in events if event == "route started"} == {"later"}
+        assert await echo_through(port, b"kept") == b"kept"
+    finally:
+        assert await pw.stop() == 0

@@ -43,6 +43,8 @@ __all__ = ["ControlPlane", "HealthPlane", "reserve_port"]
 
 log = logging.getLogger("portway.control")
 
+#: How long a restarted control plane waits for its providers before sending a route set.
+_RESTART_SYNC_WAIT = 10.0
 #: Bytes queued to one worker past which probe results are dropped for it (about 10,000 results).
 _PROBE_BACKLOG = 1 << 20
 
@@ -136,11 +138,15 @@ class ControlPlane(LiveServer):
         self.port_overrides.update(_read_ports(self.ports_file))
         #: None until the first plan writes the file (its presence marks a restarted control plane).
         self._saved_ports: dict[str, int] | None = None
+        self._restarted = False
         self.version = 0
         self.config: Config | None = None
         self.files_reloaded = False
         self.links: dict[asyncio.StreamWriter, int] = {}
         self.health = HealthPlane(self._forward_probe)
+        #: Set once the first route set is decided: a worker that connects earlier (reconnecting
+        #: to a restarted control plane) waits for it.
+        self.planned = asyncio.Event()
 
     async def run(self, stop: asyncio.Event, *, shutdown_grace: float | None = None) -> None:
         self.sources = self._starting_sources()
@@ -148,7 +154,10 @@ class ControlPlane(LiveServer):
         try:
             self._sync_providers()
             await self._restart_watcher()
+            if self._restarted:
+                await self._providers_synced(_RESTART_SYNC_WAIT)
             await self._publish(files=False)
+            self.planned.set()
             log.info(
                 "control plane serving",
                 extra={"action": "ready", "routes": len(self.config.routes) if self.config else 0},
@@ -182,8 +191,8 @@ class ControlPlane(LiveServer):
         """What the CLI read at boot, for the first control plane; a restarted one re-reads the
         files (the workers serve what they said at the crash, not at boot), and only if they
         no longer validate falls back to the boot version, saying so."""
-        restarted = os.path.exists(self.ports_file)
-        if self._initial is not None and not restarted:
+        self._restarted = os.path.exists(self.ports_file)
+        if self._initial is not None and not self._restarted:
             return self._initial
         try:
             return load_config(self.path)
@@ -195,6 +204,21 @@ class ControlPlane(LiveServer):
                 extra={"action": "start", "file": exc.file, "line": exc.line, "route": exc.route},
             )
             return self._initial
+
+    async def _providers_synced(self, within: float) -> None:
+        """Wait (at most `within` s) for every provider's first snapshot. A restarted control
+        plane does, so its first route set does not drop the Docker and store routes the
+        workers serve (draining their connections) only to add them back a moment later."""
+        events = [p.synced for p in self.providers.values()]
+        for _settings, store in self.stores.running.values():
+            synced = getattr(store, "synced", None)
+            if isinstance(synced, asyncio.Event):
+                events.append(synced)
+        if events:
+            waits = [asyncio.ensure_future(e.wait()) for e in events]
+            _done, pending = await asyncio.wait(waits, timeout=within)
+            for task in pending:
+                task.cancel()
 
     async def _reload(self) -> None:
         assert self.sources is not None
@@ -289,6 +313,7 @@ class ControlPlane(LiveServer):
                 )
                 return
             index = int(hello["worker"])
+            await self.planned.wait()
             self.links[writer] = index
             self._send_plan(writer)
             while True:
