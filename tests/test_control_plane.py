@@ -20,7 +20,7 @@ from tests.docker_engine import docker_client, docker_engine, run_container  # n
 from tests.polling import eventually
 from tests.pool_targets import NamedTarget
 from tests.portway_process import PortwayProcess, route_yaml
-from tests.targets import TCPEchoTarget
+from tests.targets import TCPEchoTarget, UDPClient, UDPEchoTarget
 from tests.test_workers import tcp_sockets
 
 
@@ -82,17 +82,27 @@ async def spread(port: int, pids: list[int], count: int = 40, greeting: bytes | 
 
 
 async def test_port_zero_route_added_on_reload_gets_one_port_for_every_worker(
-    tmp_path: Path, tcp_echo: TCPEchoTarget
+    tmp_path: Path, tcp_echo: TCPEchoTarget, udp_echo: UDPEchoTarget
 ) -> None:
     config = tmp_path / "w.yml"
     base = "workers: 2\nroutes:\n" + route_yaml("t", scheme="tcp4", port=f"0:{tcp_echo.port}")
     pw, pids = await start(config, base)
     try:
-        mark = await reload(pw, config, base + route_yaml("added", scheme="tcp4", port=f"0:{tcp_echo.port}"))
-        starts = [r for r in pw.records[mark:] if r.get("event") == "route started" and r["route"] == "added"]
-        assert {r["worker"] for r in starts} == {0, 1}
-        assert len({r["listen"] for r in starts}) == 1, "the workers bound different ports"
+        added = route_yaml("added", scheme="tcp4", port=f"0:{tcp_echo.port}") + route_yaml(
+            "added_udp", scheme="udp4", port=f"0:{udp_echo.port}"
+        )
+        mark = await reload(pw, config, base + added)
+        for route in ("added", "added_udp"):
+            starts = [
+                r for r in pw.records[mark:] if r.get("event") == "route started" and r["route"] == route
+            ]
+            assert {r["worker"] for r in starts} == {0, 1}
+            assert len({r["listen"] for r in starts}) == 1, f"the workers bound different ports for {route}"
         await spread(pw.port_of("added"), pids)
+        client = await UDPClient.connect("127.0.0.1", pw.port_of("added_udp"))
+        client.send(b"dgram")
+        assert await client.recv() == b"dgram"
+        client.close()
     finally:
         assert await pw.stop() == 0
 
