@@ -267,12 +267,18 @@ class Supervisor:
         """Signal every worker and reap them; a second SIGTERM/SIGINT is passed on at once.
 
         Each worker treats the second signal as "stop now" (it closes its live connections
-        instead of waiting out the grace period), so the whole group stops promptly.
+        instead of waiting out the grace period), so the whole group stops promptly. The control
+        plane stops last: until then the workers' links stay up, and none mistakes the
+        shutdown for a crash of the control plane.
         """
-        self._signal_all(signum)
+        self._signal_all(signum, control=False)
+        control_told = False
         self._signals.clear()
         deadline = time.monotonic() + self.grace + 5.0
         while self.workers and time.monotonic() < deadline:
+            if not control_told and not self._worker_pids():
+                control_told = True
+                self._signal_all(signum)  # only the control plane is left
             if any(s in (signal.SIGTERM, signal.SIGINT) for s in self._signals):
                 self._signals.clear()
                 log.warning("second signal: workers stop now", extra={"action": "shutdown"})
