@@ -60,8 +60,9 @@ class LiveServer:
         self.path = Path(path)
         #: What the CLI already read and checked; read here otherwise. Reloads always re-read.
         self._initial = sources
-        #: Worker processes share listeners (SO_REUSEPORT); routes written with listening port 0
-        #: get the port the supervisor picked for all of them, so every worker binds the same one.
+        #: With ``workers: N`` the control plane (`portway.control`, a subclass) uses
+        #: `port_overrides` for the ports it picked for port-0 routes; `reuse_port` is for
+        #: embedding a LiveServer beside other processes that share its listeners.
         self.reuse_port = reuse_port
         self.port_overrides = dict(port_overrides or {})
         self.on_ready = on_ready

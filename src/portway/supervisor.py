@@ -6,13 +6,13 @@ forwards signals (SIGHUP to the control plane, which alone reads the config; SIG
 workers, which alone write access logs). The control plane is forked first and from this
 loop-free, thread-free process, like every worker; its listening socket is made here, before any
 fork, so a worker can connect to it the moment it starts and a restarted control plane takes
-over the same socket. Each worker binds its own
-sockets with SO_REUSEPORT, so the kernel spreads new TCP connections across workers and hashes
-each UDP client's 4-tuple to one worker, which keeps a UDP session in one process.
+over the same socket. Each worker binds its own sockets with SO_REUSEPORT, so the kernel spreads
+new TCP connections across workers and hashes each UDP client's 4-tuple to one worker, which
+keeps a UDP session in one process.
 
-Why fork and not multiprocessing: the workers need nothing but the already-validated config in
-memory and the inherited readiness pipe, and fork-before-any-event-loop is the one way to start a
-Python process that costs no re-import and no pickling.
+Why fork and not multiprocessing: the children need nothing but the modules already imported,
+the inherited readiness pipe and the control socket (the workers get their routes over it), and
+fork-before-any-event-loop is the one way to start a Python process that costs no re-import.
 """
 
 from __future__ import annotations
