@@ -97,6 +97,11 @@ class PortwayProcess:
 
         return await asyncio.wait_for(wait(), timeout)
 
+    def children(self) -> list[int]:
+        """The pids of the supervisor's children (with workers: the control plane and the workers)."""
+        pid = self.proc.pid
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
     def port_of(self, route: str) -> int:
         listen: str = self.started[route]["listen"]
         return int(listen.rsplit(":", 1)[1])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -16,7 +18,7 @@ from portway.app import LiveServer
 from portway.providers.etcd import EtcdProvider
 from tests.conftest import current_loop_kind
 from tests.kv_servers import EtcdCluster, LogWatch, TLSFiles, until
-from tests.portway_process import PortwayProcess
+from tests.portway_process import PortwayProcess, run_cli
 from tests.targets import TCPEchoTarget
 
 
@@ -294,34 +296,51 @@ async def echo_through(port: int, data: bytes) -> bytes:
         writer.close()
 
 
+async def every_worker_logged(pw: PortwayProcess, event: str, workers: int, after: int) -> None:
+    """Wait until `event` was logged `workers` times after record `after` (once per worker)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2
+    while sum(r.get("event") == event for r in pw.records[after:]) < workers:
+        await pw.wait_for(event, timeout=max(0.01, deadline - loop.time()), after=len(pw.records))
+
+
 async def test_two_portway_processes_follow_the_same_store(
     tmp_path: Path, cluster: EtcdCluster, prefix: str, tcp_echo: TCPEchoTarget
 ) -> None:
-    """A fleet in miniature: two `portway serve` processes, one store, every change reaches both."""
-    config = tmp_path / "portway.yml"
+    """A fleet in miniature: two `portway serve` processes, one with two workers fed by its control
+    plane, one store; every change reaches every worker of both within 2 s."""
     endpoints = ", ".join(cluster.endpoints)
-    config.write_text(f"providers:\n  etcd: {{endpoints: [{endpoints}], prefix: {prefix}}}\n")
-    fleet = [await PortwayProcess.serve(config, current_loop_kind()) for _ in range(2)]
+    fleet: list[tuple[PortwayProcess, int]] = []
+    for workers in (1, 2):
+        config = tmp_path / f"portway-{workers}.yml"
+        config.write_text(
+            f"workers: {workers}\nproviders:\n  etcd: {{endpoints: [{endpoints}], prefix: {prefix}}}\n"
+        )
+        fleet.append((await PortwayProcess.serve(config, current_loop_kind()), workers))
     try:
-        for pw in fleet:
-            await pw.wait_for("portway serving")
-        # Port 0: both instances run on this one machine, so each takes a free port of its own.
+        for pw, workers in fleet:
+            await pw.wait_for("portway serving" if workers == 1 else "workers serving", timeout=20)
+        # Port 0: both instances run on this one machine, so each takes a free port of its own
+        # (and the control plane of the one with two workers picks one for both of them).
         fleet_route = f"bind: 127.0.0.1\nhost: 127.0.0.1\nport: 0:{tcp_echo.port}\n"
+        marks = [len(pw.records) for pw, _ in fleet]
         cluster.put(f"{prefix}routes/fleet", fleet_route)
-        for pw in fleet:
-            await pw.wait_for("route started", timeout=2)
-            assert await echo_through(pw.port_of("fleet"), b"hello") == b"hello"
-        marks = [len(pw.records) for pw in fleet]
+        for (pw, workers), mark in zip(fleet, marks, strict=True):
+            await every_worker_logged(pw, "route started", workers, mark)
+            assert len({r["listen"] for r in pw.records[mark:] if r.get("event") == "route started"}) == 1
+            for i in range(4):
+                assert await echo_through(pw.port_of("fleet"), b"hello%d" % i) == b"hello%d" % i
+        marks = [len(pw.records) for pw, _ in fleet]
         cluster.put(f"{prefix}routes/fleet", fleet_route + "idle_timeout: 1m\n")
-        for pw, mark in zip(fleet, marks, strict=True):
-            await pw.wait_for("route started", timeout=2, after=mark)
+        for (pw, workers), mark in zip(fleet, marks, strict=True):
+            await every_worker_logged(pw, "route started", workers, mark)
             assert await echo_through(pw.port_of("fleet"), b"again") == b"again"
-        marks = [len(pw.records) for pw in fleet]
+        marks = [len(pw.records) for pw, _ in fleet]
         cluster.delete(f"{prefix}routes/fleet")
-        for pw, mark in zip(fleet, marks, strict=True):
-            await pw.wait_for("route removed, draining", timeout=2, after=mark)
+        for (pw, workers), mark in zip(fleet, marks, strict=True):
+            await every_worker_logged(pw, "route removed, draining", workers, mark)
     finally:
-        for pw in fleet:
+        for pw, _ in fleet:
             assert await pw.stop() == 0
 
 
@@ -345,3 +364,64 @@ async def test_a_server_that_is_not_etcd_is_an_outage_not_a_dead_provider() -> N
     finally:
         await provider.stop()
         server.close()
+
+
+async def test_check_with_providers_shows_every_source(
+    tmp_path: Path, cluster: EtcdCluster, prefix: str
+) -> None:
+    endpoints = ", ".join(cluster.endpoints)
+    config = tmp_path / "portway.yml"
+    config.write_text(
+        f"providers:\n  etcd: {{endpoints: [{endpoints}], prefix: {prefix}}}\n"
+        "routes:\n  infile:\n    host: 127.0.0.1\n    port: 0:22\n"
+    )
+    cluster.put(f"{prefix}routes/instore", "bind: 127.0.0.1\nhost: 127.0.0.1\nport: 0:23\n")
+    status, out, err = await run_cli("check", "-c", str(config), "--offline", "--providers")
+    assert status == 0, err
+    sources = out.split("ROUTE  ", 2)[2].splitlines()[1:3]
+    assert sources[0].startswith("infile") and str(config) in sources[0]
+    assert sources[1].startswith("instore") and f"{prefix}routes/instore" in sources[1]
+    assert out.rstrip().endswith("2 route(s) from every source, OK")
+    # Without the flag, check reads the file alone (it runs where the stores may be unreachable).
+    status, out, _err = await run_cli("check", "-c", str(config), "--offline")
+    assert status == 0 and "instore" not in out
+
+
+async def test_check_with_an_unreachable_store_says_its_routes_are_missing(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    config = tmp_path / "portway.yml"
+    config.write_text(f"providers:\n  etcd: {{endpoints: [http://127.0.0.1:{dead}]}}\n")
+    status, _out, err = await run_cli("check", "-c", str(config), "--providers", "--provider-timeout", "0.5")
+    assert status == 1
+    assert "portway: error: etcd provider: no answer within 0.5s; its routes are missing" in err
+
+
+async def test_a_restarted_control_plane_keeps_the_store_routes_up(
+    tmp_path: Path, cluster: EtcdCluster, prefix: str, tcp_echo: TCPEchoTarget
+) -> None:
+    """Its first route set waits for the store: the workers never see the store's routes vanish."""
+    endpoints = ", ".join(cluster.endpoints)
+    config = tmp_path / "portway.yml"
+    config.write_text(f"workers: 2\nproviders:\n  etcd: {{endpoints: [{endpoints}], prefix: {prefix}}}\n")
+    pw = await PortwayProcess.serve(config, current_loop_kind())
+    try:
+        ready = await pw.wait_for("workers serving", timeout=20)
+        mark = len(pw.records)
+        cluster.put(f"{prefix}routes/kept", f"bind: 127.0.0.1\nhost: 127.0.0.1\nport: 0:{tcp_echo.port}\n")
+        await every_worker_logged(pw, "route started", 2, mark)
+        port = pw.port_of("kept")
+        children = pw.children()
+        (control,) = set(children) - set(ready["pids"])
+        mark = len(pw.records)
+        os.kill(control, signal.SIGKILL)
+        await pw.wait_for("control plane serving", after=mark, timeout=10)
+        cluster.put(f"{prefix}routes/later", f"bind: 127.0.0.1\nhost: 127.0.0.1\nport: 0:{tcp_echo.port}\n")
+        await every_worker_logged(pw, "route started", 2, mark)
+        events = [(r.get("event"), r.get("route")) for r in pw.records[mark:]]
+        assert ("route removed, draining", "kept") not in events
+        assert {route for event, route in events if event == "route started"} == {"later"}
+        assert await echo_through(port, b"kept") == b"kept"
+    finally:
+        assert await pw.stop() == 0

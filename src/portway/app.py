@@ -37,7 +37,7 @@ from portway.providers.stores import StoreProviders
 from portway.server import Server
 from portway.stream.tcp import TCPStream
 
-__all__ = ["LiveServer", "serve_live"]
+__all__ = ["LiveServer", "serve_live", "shut_down", "with_override"]
 
 log = logging.getLogger("portway")
 
@@ -60,8 +60,9 @@ class LiveServer:
         self.path = Path(path)
         #: What the CLI already read and checked; read here otherwise. Reloads always re-read.
         self._initial = sources
-        #: Worker processes share listeners (SO_REUSEPORT); routes written with listening port 0
-        #: get the port the supervisor picked for all of them, so every worker binds the same one.
+        #: With ``workers: N`` the control plane (`portway.control`, a subclass) uses
+        #: `port_overrides` for the ports it picked for port-0 routes; `reuse_port` is for
+        #: embedding a LiveServer beside other processes that share its listeners.
         self.reuse_port = reuse_port
         self.port_overrides = dict(port_overrides or {})
         self.on_ready = on_ready
@@ -152,33 +153,9 @@ class LiveServer:
         """
         assert self.server is not None
         grace = override if override is not None else self._file_grace()
-        # Everything that may still hold connections: the routes, and those a reload is draining
-        # (read before stop() takes them over, so a second signal can close them all).
-        streams = [*self.server.streams.values(), *self.server._draining.values()]
-        tcp = sum(len(s.conns) for s in streams if isinstance(s, TCPStream))
-        udp = sum(len(s.sessions) for s in streams if not isinstance(s, TCPStream))
-        log.info(
-            "shutting down",
-            extra={
-                "action": "shutdown",
-                "grace_s": grace,
-                "grace_from": "--grace" if override is not None else "grace_period",
-                "waiting_for": tcp,
-                "udp_sessions_closed": udp,
-            },
+        await shut_down(
+            self.server, grace, "--grace" if override is not None else "grace_period", self._hurry
         )
-        stopping = asyncio.get_running_loop().create_task(self.server.stop(grace))
-        hurried = asyncio.get_running_loop().create_task(self._hurry.wait())
-        await asyncio.wait({stopping, hurried}, return_when=asyncio.FIRST_COMPLETED)
-        hurried.cancel()
-        if not stopping.done():
-            live = sum(len(s.conns) for s in streams if isinstance(s, TCPStream))
-            log.warning(
-                "second signal: closing live connections now", extra={"action": "shutdown", "live": live}
-            )
-            # Closing ends every connection, which ends each drain; stop() then finishes normally.
-            await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
-        await stopping
 
     def _file_grace(self) -> float:
         return self.sources.config.grace_period if self.sources is not None else 0.0
@@ -252,7 +229,7 @@ class LiveServer:
             log.error(problem, extra={"action": "merge"})
         routes = merged.routes
         if self.port_overrides:
-            routes = {name: _with_override(name, r, self.port_overrides) for name, r in routes.items()}
+            routes = {name: with_override(name, r, self.port_overrides) for name, r in routes.items()}
         return self.sources.config.model_copy(update={"routes": routes})
 
     def _sync_providers(self) -> None:
@@ -301,7 +278,37 @@ class LiveServer:
             log.error("cannot watch the config files; reload with SIGHUP", extra={"error": str(exc)})
 
 
-def _with_override(name: str, route: RouteConfig, overrides: Mapping[str, int]) -> RouteConfig:
+async def shut_down(server: Server, grace: float, grace_from: str, hurry: asyncio.Event) -> None:
+    """Stop accepting, give live connections `grace` seconds, and close what is left; `hurry`
+    set (a second signal) ends the wait at once."""
+    # Everything that may still hold connections: the routes, and those a reload is draining
+    # (read before stop() takes them over, so a second signal can close them all).
+    streams = [*server.streams.values(), *server._draining.values()]
+    tcp = sum(len(s.conns) for s in streams if isinstance(s, TCPStream))
+    udp = sum(len(s.sessions) for s in streams if not isinstance(s, TCPStream))
+    log.info(
+        "shutting down",
+        extra={
+            "action": "shutdown",
+            "grace_s": grace,
+            "grace_from": grace_from,
+            "waiting_for": tcp,
+            "udp_sessions_closed": udp,
+        },
+    )
+    stopping = asyncio.get_running_loop().create_task(server.stop(grace))
+    hurried = asyncio.get_running_loop().create_task(hurry.wait())
+    await asyncio.wait({stopping, hurried}, return_when=asyncio.FIRST_COMPLETED)
+    hurried.cancel()
+    if not stopping.done():
+        live = sum(len(s.conns) for s in streams if isinstance(s, TCPStream))
+        log.warning("second signal: closing live connections now", extra={"action": "shutdown", "live": live})
+        # Closing ends every connection, which ends each drain; stop() then finishes normally.
+        await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
+    await stopping
+
+
+def with_override(name: str, route: RouteConfig, overrides: Mapping[str, int]) -> RouteConfig:
     port = overrides.get(name)
     if port is None or route.port.listening != 0:
         return route

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -28,7 +29,7 @@ from portway.logs import BatchingHandler, LoopErrorLog, setup_logging
 from portway.loops import loop_factory, loop_name
 from portway.server import Server
 from portway.stream.listen import bind_socket, listen_family
-from portway.supervisor import Supervisor, cpu_count
+from portway.supervisor import CONTROL_SOCKET_ENV, Supervisor, cpu_count
 
 log = logging.getLogger("portway")
 
@@ -136,9 +137,25 @@ def serve(
     except PortwayError as exc:
         _fail(exc, EXIT_RUNTIME)
 
+    def control(listener: socket.socket, ready: Callable[[], None]) -> int:
+        from portway.control import run_control
+
+        for handler in logging.getLogger("portway").handlers:
+            handler.addFilter(_WorkerField("control"))  # also the records of portway.* loggers
+        return _run(
+            factory,
+            lambda: run_control(
+                config_path, listener, port_overrides=dict(overrides), sources=sources, on_ready=ready
+            ),
+            exit_on_error=False,
+        )
+
     def worker(index: int, ready: Callable[[], None]) -> int:
+        from portway.worker import serve_worker
+
         root = logging.getLogger("portway")
-        root.addFilter(_WorkerField(index))
+        for handler in root.handlers:
+            handler.addFilter(_WorkerField(index))  # also the records of portway.* loggers
 
         def serving() -> None:
             for handler in root.handlers:
@@ -147,20 +164,15 @@ def serve(
 
         return _run(
             factory,
-            lambda: serve_live(
-                config_path,
-                grace,
-                reuse_port=True,
-                port_overrides=overrides,
-                on_ready=serving,
-                sources=sources,
+            lambda: serve_worker(
+                os.environ[CONTROL_SOCKET_ENV], index, config_path=config_path, grace=grace, on_ready=serving
             ),
             exit_on_error=False,
         )
 
     # The supervisor waits this long (plus a margin) before killing a worker that will not stop.
     shutdown_grace = grace if grace is not None else config.grace_period
-    sys.exit(Supervisor(workers, worker, grace=shutdown_grace).run())
+    sys.exit(Supervisor(workers, worker, grace=shutdown_grace, control=control).run())
 
 
 @main.command()
@@ -170,11 +182,26 @@ def serve(
     is_flag=True,
     help="A target name that does not resolve is a warning, not an error (checking away from its DNS).",
 )
-def check(config_path: str, offline: bool) -> None:
+@click.option(
+    "--providers",
+    "with_providers",
+    is_flag=True,
+    help="Also read the Docker, etcd and Redis providers once and show the merged routes with "
+    "the source of each (exit 1 if one does not answer within --provider-timeout).",
+)
+@click.option(
+    "--provider-timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for each provider's first snapshot (with --providers).",
+)
+def check(config_path: str, offline: bool, with_providers: bool, provider_timeout: float) -> None:
     """Validate a config file as strictly as `serve` would, and print what it will run.
 
     Opens the GeoIP databases and ACL log files and resolves every target name, as serve does
-    before listening; binds nothing.
+    before listening; binds nothing. With --providers, also asks the Docker daemons and the
+    stores the file names for their routes (read only) and prints the merged set.
     """
     try:
         sources = load_config(config_path)
@@ -182,8 +209,27 @@ def check(config_path: str, offline: bool) -> None:
         _fail(exc, EXIT_CONFIG)
     _preflight_or_fail(sources, offline=offline)
     config = sources.config
-    click.echo(describe(config))
-    click.echo(f"\n{config_path}: {len(config.routes)} route(s), OK")
+    if not with_providers:
+        click.echo(describe(config))
+        click.echo(f"\n{config_path}: {len(config.routes)} route(s), OK")
+        return
+    from pathlib import Path
+
+    from portway.providers.snapshot import read_every_source
+
+    every = asyncio.run(read_every_source(sources, Path(config_path).parent, provider_timeout))
+    click.echo(describe(config.model_copy(update={"routes": every.routes})))
+    width = max((len(name) for name in every.origins), default=5)
+    click.echo("\n" + "ROUTE".ljust(width) + "  SOURCE")
+    for name, origin in every.origins.items():
+        click.echo(f"{name.ljust(width)}  {origin}")
+    for problem in every.problems:
+        _report(PortwayError(problem), warning=True)
+    for label in every.silent:
+        _report(PortwayError(f"{label}: no answer within {provider_timeout:g}s; its routes are missing"))
+    if every.silent:
+        sys.exit(EXIT_RUNTIME)
+    click.echo(f"\n{config_path}: {len(every.routes)} route(s) from every source, OK")
 
 
 @main.command()
@@ -304,7 +350,7 @@ def reserve_listeners(config: Config) -> dict[str, int]:
 class _WorkerField(logging.Filter):
     """Tags every log record of a worker process with its index."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int | str) -> None:
         super().__init__()
         self.index = index
 

@@ -1,13 +1,18 @@
 """Worker processes: N copies of the proxy sharing each listener through SO_REUSEPORT.
 
-The main process never runs an event loop: it forks the workers, waits for each to report that
-its listeners are bound, then only reaps, restarts and forwards signals. Each worker binds its own
-sockets with SO_REUSEPORT, so the kernel spreads new TCP connections across workers and hashes
-each UDP client's 4-tuple to one worker, which keeps a UDP session in one process.
+The main process never runs an event loop: it forks the control plane (`portway.control`) and
+then the workers, waits for each to report that it is serving, then only reaps, restarts and
+forwards signals (SIGHUP to the control plane, which alone reads the config; SIGUSR1 to the
+workers, which alone write access logs). The control plane is forked first and from this
+loop-free, thread-free process, like every worker; its listening socket is made here, before any
+fork, so a worker can connect to it the moment it starts and a restarted control plane takes
+over the same socket. Each worker binds its own sockets with SO_REUSEPORT, so the kernel spreads
+new TCP connections across workers and hashes each UDP client's 4-tuple to one worker, which
+keeps a UDP session in one process.
 
-Why fork and not multiprocessing: the workers need nothing but the already-validated config in
-memory and the inherited readiness pipe, and fork-before-any-event-loop is the one way to start a
-Python process that costs no re-import and no pickling.
+Why fork and not multiprocessing: the children need nothing but the modules already imported,
+the inherited readiness pipe and the control socket (the workers get their routes over it), and
+fork-before-any-event-loop is the one way to start a Python process that costs no re-import.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +42,12 @@ _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
 #: What a worker runs: given its index and a callback to call once it is serving; returns an exit status.
 WorkerMain = Callable[[int, Callable[[], None]], int]
+#: What the control plane runs: given its listening unix socket and the "serving" callback.
+ControlMain = Callable[[socket.socket, Callable[[], None]], int]
+#: The control plane's index among the children (workers are 0..N-1).
+CONTROL = -1
+#: Names the control plane's socket in the children's environment.
+CONTROL_SOCKET_ENV = "PORTWAY_CONTROL_SOCKET"
 
 
 @dataclass
@@ -59,11 +71,21 @@ class StartupFailed(Exception):
 class Supervisor:
     """Forks `count` workers running `main`, keeps them alive, and stops them on SIGTERM/SIGINT."""
 
-    def __init__(self, count: int, main: WorkerMain, *, grace: float, startup_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        count: int,
+        main: WorkerMain,
+        *,
+        grace: float,
+        startup_timeout: float = 30.0,
+        control: ControlMain | None = None,
+    ) -> None:
         if count < 1:
             raise ValueError("need at least one worker")
         self.count = count
         self.main = main
+        self.control = control
+        self._control_sock: socket.socket | None = None
         self.grace = grace
         self.startup_timeout = startup_timeout
         self.workers: dict[int, _Worker] = {}
@@ -79,6 +101,10 @@ class Supervisor:
         observe_dir = _observe_dir(self.count)
         try:
             try:
+                if self.control is not None:
+                    self._control_sock = _control_socket(observe_dir)
+                    self._spawn(CONTROL)
+                    self._wait_ready()  # workers ask it for their routes as they start
                 for index in range(self.count):
                     self._spawn(index)
                 self._wait_ready()
@@ -87,13 +113,16 @@ class Supervisor:
                 return exc.status
             log.info(
                 "workers serving",
-                extra={"action": "ready", "workers": self.count, "pids": sorted(self.workers)},
+                extra={"action": "ready", "workers": self.count, "pids": sorted(self._worker_pids())},
             )
             sdnotify.ready()
             return self._supervise()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self._control_sock is not None:
+                self._control_sock.close()
+                os.environ.pop(CONTROL_SOCKET_ENV, None)
             shutil.rmtree(observe_dir, ignore_errors=True)
             for name in (OBSERVE_DIR_ENV, STARTED_ENV, WORKERS_ENV):
                 os.environ.pop(name, None)
@@ -119,7 +148,8 @@ class Supervisor:
                 os.setpgid(0, 0)
                 for sig in (*_FORWARDED, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
-                os.environ[WORKER_ENV] = str(index)  # observability: which worker publishes
+                if index != CONTROL:
+                    os.environ[WORKER_ENV] = str(index)  # observability: which worker publishes
                 os.environ.pop("NOTIFY_SOCKET", None)  # only the main process talks to systemd
                 os.close(self._wake_r)
                 os.close(self._wake_w)
@@ -130,7 +160,13 @@ class Supervisor:
                     os.write(ready_w, b"R")
                     os.close(ready_w)
 
-                status = self.main(index, ready)
+                if index == CONTROL:
+                    assert self.control is not None and self._control_sock is not None
+                    status = self.control(self._control_sock, ready)
+                else:
+                    if self._control_sock is not None:
+                        self._control_sock.close()  # only the control plane accepts on it
+                    status = self.main(index, ready)
             except SystemExit as exc:
                 status = exc.code if isinstance(exc.code, int) else 1
             except BaseException:
@@ -171,11 +207,11 @@ class Supervisor:
                     self._stop_all(signal.SIGTERM)
                     return 0
                 if signum == signal.SIGHUP:
-                    sdnotify.reloading()  # each worker reloads on its own; we only pass the signal
-                    self._signal_all(signal.SIGHUP)
+                    sdnotify.reloading()  # the control plane (else each worker) reloads; we pass it on
+                    self._signal_all(signal.SIGHUP, control=True)
                     sdnotify.ready()
                 if signum == signal.SIGUSR1:
-                    self._signal_all(signal.SIGUSR1)  # reopen the access log (logrotate)
+                    self._signal_all(signal.SIGUSR1, control=False)  # reopen the access log (logrotate)
             self._reap(starting=False)
 
     def _reap(self, *, starting: bool) -> None:
@@ -201,7 +237,7 @@ class Supervisor:
         crashing = now - worker.started < _HEALTHY_AFTER
         delay = min(_RESTART_BACKOFF_MAX, 0.1 * 2 ** len(recent)) if crashing else 0.0
         log.error(
-            "worker exited; restarting",
+            "control plane exited; restarting" if worker.index == CONTROL else "worker exited; restarting",
             extra={
                 "action": "restart",
                 "worker": worker.index,
@@ -214,21 +250,35 @@ class Supervisor:
             time.sleep(delay)  # the parent has no other work: blocking here delays only this restart
         self._spawn(worker.index, recent)
 
-    def _signal_all(self, signum: int) -> None:
-        for pid in list(self.workers):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+    def _worker_pids(self) -> list[int]:
+        return [pid for pid, w in self.workers.items() if w.index != CONTROL]
+
+    def _signal_all(self, signum: int, *, control: bool | None = None) -> None:
+        """Signal every child; `control` True: the control plane alone (when there is one),
+        False: the workers alone, None: all of them."""
+        has_control = any(w.index == CONTROL for w in self.workers.values())
+        for pid, worker in list(self.workers.items()):
+            is_control = worker.index == CONTROL
+            if control is None or (control and not has_control) or is_control == control:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
 
     def _stop_all(self, signum: int) -> None:
         """Signal every worker and reap them; a second SIGTERM/SIGINT is passed on at once.
 
         Each worker treats the second signal as "stop now" (it closes its live connections
-        instead of waiting out the grace period), so the whole group stops promptly.
+        instead of waiting out the grace period), so the whole group stops promptly. The control
+        plane stops last: until then the workers' links stay up, and none mistakes the
+        shutdown for a crash of the control plane.
         """
-        self._signal_all(signum)
+        self._signal_all(signum, control=False)
+        control_told = False
         self._signals.clear()
         deadline = time.monotonic() + self.grace + 5.0
         while self.workers and time.monotonic() < deadline:
+            if not control_told and not self._worker_pids():
+                control_told = True
+                self._signal_all(signum)  # only the control plane is left
             if any(s in (signal.SIGTERM, signal.SIGINT) for s in self._signals):
                 self._signals.clear()
                 log.warning("second signal: workers stop now", extra={"action": "shutdown"})
@@ -268,6 +318,17 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover
         return os.cpu_count() or 1
+
+
+def _control_socket(directory: str) -> socket.socket:
+    """The control plane's listening socket, in the private (0700) directory, named in the
+    environment the workers inherit."""
+    path = os.path.join(directory, "control.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(256)
+    os.environ[CONTROL_SOCKET_ENV] = path
+    return sock
 
 
 def _observe_dir(workers: int) -> str:

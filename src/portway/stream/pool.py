@@ -22,8 +22,9 @@ import logging
 import random
 import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from portway.addr import format_hostport
 from portway.balance import Balancer, HealthPolicy, Mode, TargetSpec, TargetState, Transition
@@ -60,8 +61,17 @@ class HealthCheck:
     expect: bytes | re.Pattern[bytes] | None = None
 
 
+#: What the control plane hears of each active probe: route, target key, ok, reason.
+ProbeListener = Callable[[str, str, bool, str], None]
+
+
 class TargetPool:
     """The targets of one route and the state shared by every connection to them."""
+
+    #: False in a worker of a control plane (``workers: N``): the control process probes each
+    #: target once per instance and sends the results (`apply_probe`), so the workers' pools
+    #: keep their checks' policy but never probe themselves.
+    probes_here: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -96,6 +106,8 @@ class TargetPool:
         self._probes: list[asyncio.Task[None]] = []
         self._none_up = BurstLog(10.0)
         self._started = False
+        #: Told every probe result (the control plane forwards them to the workers).
+        self.on_probe: ProbeListener | None = None
 
     def _resolver(self, member: PoolMember) -> TargetResolver:
         return TargetResolver(
@@ -142,7 +154,7 @@ class TargetPool:
 
     def _start_probes(self) -> None:
         assert self.loop is not None
-        if self.check is not None:
+        if self.check is not None and self.probes_here:
             for index in range(len(self.members)):
                 self._probes.append(self.loop.create_task(self._probe_forever(index)))
 
@@ -283,6 +295,35 @@ class TargetPool:
             },
         )
 
+    def _index_of_key(self, key: str) -> int | None:
+        for index, member in enumerate(self.members):
+            if member.key == key:
+                return index
+        return None
+
+    def apply_probe(self, key: str, ok: bool, reason: str = "") -> None:
+        """The control plane probed target `key`: the same hysteresis as a local probe, but
+        silent (the control plane logs the transition once for the instance)."""
+        index = self._index_of_key(key)
+        if index is None or self.loop is None or self.check is None:
+            return  # a reload raced the probe: the next health snapshot settles it
+        if self.balancer.probe_result(index, ok, self.loop.time(), reason) is not None:
+            self.generation += 1
+
+    def check_state(self) -> list[tuple[str, bool, int, int]]:
+        """Each target's active-check state (key, up, successes, failures), for a new worker."""
+        return [(t.spec.key, t.up, t._probe_successes, t._probe_failures) for t in self.balancer.targets]
+
+    def set_check_state(self, key: str, up: bool, successes: int, failures: int) -> None:
+        """Take over the control plane's check state of target `key` (see `check_state`)."""
+        index = self._index_of_key(key)
+        if index is None or self.check is None:
+            return
+        state = self.balancer.targets[index]
+        if state.up != up:
+            self.generation += 1
+        state.up, state._probe_successes, state._probe_failures = up, successes, failures
+
     async def _probe_forever(self, index: int) -> None:
         check = self.check
         assert check is not None and self.loop is not None
@@ -292,6 +333,8 @@ class TargetPool:
         await asyncio.sleep(first_probe_in(check.interval, random.random()))
         while True:
             ok, reason = await self._probe_once(index, check)
+            if self.on_probe is not None:  # first: the workers hear it before anyone reads the log
+                self.on_probe(self.route, self.members[index].key, ok, reason)
             self._transition(self.balancer.probe_result(index, ok, loop.time(), reason))
             await asyncio.sleep(next_probe_in(check.interval, random.random()))
 
