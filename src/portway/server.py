@@ -151,7 +151,10 @@ def build_listener(
 ) -> SharedListener:
     """The shared listener of one group of routes (`shared_groups`), over their streams.
 
-    Listener-level settings come from the first route: validation made every route agree."""
+    Listener-level settings come from the first route: validation made every route agree. The
+    global ACL is applied by the listener, before any peek, when every route of the group uses
+    it; a route with its own ACL replaces the global one, so then each route applies its own
+    after the choice (as a plain route would)."""
     admission = admission if admission is not None else AdmissionFactory()
     first = next(iter(routes.values()))
     table = MatchTable({n: r.match.to_match() if r.match is not None else None for n, r in routes.items()})
@@ -163,7 +166,7 @@ def build_listener(
         table,
         peek_timeout=first.peek_timeout,
         proxy_protocol=admission.proxy_protocol(first),
-        access=admission.global_access_control(),
+        access=admission.global_access_control() if all(r.acl is None for r in routes.values()) else None,
         reuse_port=reuse_port,
         observer=observer,
     )

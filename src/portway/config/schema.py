@@ -195,6 +195,9 @@ class RouteConfig(_Model):
             raise ValueError("tls: terminates TLS over TCP; a UDP route cannot have it")
         if is_udp(self.scheme) and self.match is not None:
             raise ValueError("match: on UDP listeners (QUIC SNI) is not supported yet; TCP routes only")
+        if self.shares_listener and self.port.listening == 0:
+            what = "match:" if self.match is not None else "tls:"
+            raise ValueError(f"{what} needs a fixed listening port (it runs on a shared listener), not 0")
         return self
 
     @property

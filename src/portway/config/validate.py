@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from portway.config.links import fold_links
-from portway.config.schema import Config, listeners_overlap, share_listener, shared_groups
+from portway.config.schema import Config, listen_key, listeners_overlap, share_listener, shared_groups
 from portway.config.yamlload import Document, Mark
 from portway.errors import ConfigError
 from portway.matching import check_routes
@@ -72,10 +72,12 @@ def check_links(config: Config, doc: Document | None = None) -> None:
 
 def check_listen_conflicts(config: Config, doc: Document | None = None) -> None:
     names = list(config.routes)
+    shared = shared_groups(config.routes)
     for i, name in enumerate(names):
         for other in names[:i]:
-            if share_listener(config.routes[name], config.routes[other]):
-                continue  # told apart by `match`: check_shared_listeners checks the matches
+            a, b = config.routes[name], config.routes[other]
+            if share_listener(a, b) or (a.scheme == b.scheme and listen_key(a) == listen_key(b) in shared):
+                continue  # one shared listener: check_shared_listeners checks the matches
             if listeners_overlap(config.routes[name], config.routes[other]):
                 route = config.routes[name]
                 mark = doc.mark_of(("routes", name, "port")) if doc else None
