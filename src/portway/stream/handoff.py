@@ -72,9 +72,17 @@ class _HandedClient(_AdmittingClient):
         super().__init__(stream)
         self.handed = (client, local, initial)
 
+    def _accepted(self, transport: asyncio.BaseTransport) -> None:
+        super()._accepted(transport)
+        client, local, _ = self.handed
+        if local is None:  # the listener only asks when a PROXY header may replace it
+            sockname = transport.get_extra_info("sockname")
+            local = (sockname[0], sockname[1]) if sockname else None
+        self.client, self.local = client, local
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._accepted(transport)
-        self.client, self.local, initial = self.handed
+        initial = self.handed[2]
         if initial:
             _Client.data_received(self, initial)  # not dialed yet: this only queues
         self._admit()
@@ -87,7 +95,7 @@ class _TLSClient(_HandedClient):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._accepted(transport)
-        self.client, self.local, initial = self.handed
+        initial = self.handed[2]
         assert self.stream.tls is not None
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()

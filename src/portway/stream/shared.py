@@ -192,30 +192,35 @@ class _Peek:
 
     def start(self) -> None:
         listener = self.listener
-        with contextlib.suppress(OSError):
-            name = self.sock.getsockname()
-            self.local = (name[0], name[1])
         policy = listener.proxy_protocol
         if policy is not None:
+            with contextlib.suppress(OSError):  # a LOCAL header keeps it; the route needs it
+                name = self.sock.getsockname()
+                self.local = (name[0], name[1])
             step = policy.first_step(self.client[0])
             if step == "refuse":
                 self._fail(UNTRUSTED, "error")
                 return
             if step == "read":
                 self.reader = HeaderReader(policy)
-                listener.peeking.add(self)
-                self._watch(policy.header_timeout)
+                self._readable()
+                if self.reader is not None:
+                    self._watch(policy.header_timeout)
                 return
         self._admit()
 
     def _watch(self, timeout: float) -> None:
-        loop = self.listener.loop
+        """Wait for more bytes, for at most `timeout`. Only when the bytes already in the socket
+        did not decide: under load a client's first flight has usually arrived by the time it is
+        accepted, and then no reader, no timer and no extra loop turn are needed at all."""
+        listener = self.listener
         if not self.watching:
-            loop.add_reader(self.sock.fileno(), self._readable)
+            listener.loop.add_reader(self.sock.fileno(), self._readable)
             self.watching = True
+            listener.peeking.add(self)
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = loop.call_later(timeout, self._expired)
+        self.timer = listener.loop.call_later(timeout, self._expired)
 
     def _admit(self) -> None:
         listener = self.listener
@@ -227,13 +232,14 @@ class _Peek:
             self._hand_over(listener.table.fallback)
             return
         self.sniffer = sniffer = listener.table.sniffer()
-        listener.peeking.add(self)
         if self.buffer:  # bytes that came with the PROXY header
             outcome = sniffer.feed(self.buffer)
             if outcome is not None:
                 self._decide(outcome)
                 return
-        self._watch(listener.peek_timeout)
+        self._readable()
+        if self.sniffer is not None:
+            self._watch(listener.peek_timeout)
 
     def _readable(self) -> None:
         reader, sniffer = self.reader, self.sniffer
@@ -290,6 +296,8 @@ class _Peek:
         self._hand_over(route)
 
     def _stop(self) -> None:
+        self.reader = None
+        self.sniffer = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -218,6 +218,12 @@ class SpliceConn:
         `local` are what it believed) and consumed `initial` while peeking: those bytes go to
         the target first, then the pump splices the rest. Continues with the route's ACL."""
         self.client = client
+        if local is None and self.stream.relay_version:
+            try:
+                name = self.client_sock.getsockname()
+                local = (name[0], name[1])
+            except OSError:
+                local = None
         self.local = local
         self.initial = initial or None
         self._admit()
