@@ -8,11 +8,13 @@ for the group and, per connection, in loop callbacks with one timer and no task:
    setting, checked at load), read with `recv` into a bounded buffer, bounded by its own timeout.
 2. **Global ACL** on the real client (the believed header's source), before any route is chosen:
    a denied client costs no peek. The chosen route's own ACL applies after the hand-over.
-3. **Peek**: the first bytes are read (consumed, into a buffer bounded by `Sniffer.limit`, at
-   most ~16 KiB) and fed to the sans-I/O `Sniffer` until it decides or `peek_timeout` fires.
-   Consuming rather than ``MSG_PEEK``: a peeked socket stays readable, so waiting for the rest of
-   a ClientHello would spin (or need ``SO_RCVLOWAT`` juggling per read); the bytes read are handed
-   on as the connection's initial bytes and reach the target first, unchanged.
+3. **Peek**: what has already arrived is looked at with ``MSG_PEEK`` (nothing consumed); when
+   that decides, which under load is nearly always, the route gets the socket untouched and
+   splices the first flight with the rest. Otherwise the bytes are read for real (consumed, into
+   a buffer bounded by `Sniffer.limit`, at most ~16 KiB) and fed to the sans-I/O `Sniffer` until
+   it decides or `peek_timeout` fires: a peeked socket stays readable, so waiting for the rest of
+   a ClientHello with ``MSG_PEEK`` would spin (or need ``SO_RCVLOWAT`` juggling per read). Bytes
+   read are handed on as the connection's initial bytes and reach the target first, unchanged.
 4. **Hand-over** to the chosen route (`portway.stream.handoff.serve_accepted`), which continues
    the normal lifecycle; passthrough is spliced from there on.
 
@@ -237,12 +239,37 @@ class _Peek:
             if outcome is not None:
                 self._decide(outcome)
                 return
+        elif self._peek_decided(sniffer):
+            return
         self._readable()
         if self.sniffer is not None:
             self._watch(listener.peek_timeout)
 
+    def _peek_decided(self, sniffer: Sniffer) -> bool:
+        """The common case, without consuming anything: when what already arrived decides, the
+        route gets the socket untouched and splices the first flight too (no copy, no extra
+        send). Otherwise the bytes are read for real from here on (a peeked socket stays
+        readable, so waiting for more with ``MSG_PEEK`` would spin)."""
+        try:
+            data = self.sock.recv(sniffer.limit, socket.MSG_PEEK)
+        except OSError:
+            return False  # nothing yet (or an error the real read reports)
+        if not data:
+            return False
+        outcome = sniffer.feed(data)
+        if outcome is None:
+            self.sniffer = self.listener.table.sniffer()  # the same bytes will be read again
+            return False
+        self._decide(outcome)
+        return True
+
     def _readable(self) -> None:
         reader, sniffer = self.reader, self.sniffer
+        if sniffer is not None and not self.buffer and self.watching:
+            # Woken with nothing consumed yet: the whole first flight may be here now.
+            if self._peek_decided(sniffer):
+                return
+            sniffer = self.sniffer
         room = reader.room() if reader is not None else (sniffer.limit - len(self.buffer) if sniffer else 0)
         try:
             data = self.sock.recv(max(room, 1))
