@@ -39,7 +39,14 @@ from portway.events import CloseReason, ConnectionRecord, Observer
 from portway.logs import BurstLog
 from portway.matching import MatchTable
 from portway.proxy_header import UNTRUSTED, HeaderDone, HeaderOutcome, HeaderReader
-from portway.sniff import Sniffed, Sniffer, SniffError
+from portway.sniff import (
+    HELLO_PREFIX_LIMIT,
+    HTTP_HEAD_LIMIT,
+    REQUEST_LINE_LIMIT,
+    Sniffed,
+    Sniffer,
+    SniffError,
+)
 from portway.stream.accept import Listener, serve_tcp_sockets
 from portway.stream.base import Address, addr_str
 from portway.stream.handoff import serve_accepted
@@ -90,6 +97,9 @@ class SharedListener:
         self._server: Listener | None = None
         self._attached = False
         self._failures = BurstLog(5.0)
+        #: Where `MSG_PEEK` copies to: one buffer per listener (the loop is single-threaded and the
+        #: sniffer keeps its own copy), not a 16 KiB allocation per connection.
+        self.scratch = bytearray(max(HELLO_PREFIX_LIMIT, HTTP_HEAD_LIMIT, REQUEST_LINE_LIMIT))
 
     @property
     def local_addr(self) -> Address | None:
@@ -250,13 +260,14 @@ class _Peek:
         route gets the socket untouched and splices the first flight too (no copy, no extra
         send). Otherwise the bytes are read for real from here on (a peeked socket stays
         readable, so waiting for more with ``MSG_PEEK`` would spin)."""
+        scratch = self.listener.scratch
         try:
-            data = self.sock.recv(sniffer.limit, socket.MSG_PEEK)
+            size = self.sock.recv_into(scratch, sniffer.limit, socket.MSG_PEEK)
         except OSError:
             return False  # nothing yet (or an error the real read reports)
-        if not data:
+        if not size:
             return False
-        outcome = sniffer.feed(data)
+        outcome = sniffer.feed(memoryview(scratch)[:size])
         if outcome is None:
             self.sniffer = self.listener.table.sniffer()  # the same bytes will be read again
             return False
