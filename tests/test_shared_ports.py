@@ -567,3 +567,25 @@ async def test_reload_rebuilds_a_changed_shared_listener_and_keeps_live_connecti
         sent = b"SSH-2.0-x\r\nmore"
         assert await asyncio.wait_for(reader.readexactly(len(sent)), 5) == sent
         writer.close()
+
+
+async def test_a_route_acl_replaces_the_global_one_on_a_shared_port(tagged: dict[str, Tagged]) -> None:
+    """As on a plain route, a route's own ACL replaces the global one: the global ACL denies
+    loopback, the fallback route's own ACL admits it, the ssh route (global ACL) refuses it."""
+    port = free_port()
+    text = f"""
+acl: {{default: allow, allow_local: false, deny: ["cidr:127.0.0.0/8"]}}
+routes:
+  ssh:
+    port: {port}:{tagged["ssh"].port}
+    host: 127.0.0.1
+    match: {{protocol: ssh}}
+  web:
+    port: {port}:{tagged["web"].port}
+    host: 127.0.0.1
+    acl: {{default: allow}}
+"""
+    async with serving(text):
+        assert await _first_line(port, b"hello\r\n") == b"web\n"
+        assert await _closed_without_reply(port, b"SSH-2.0-x\r\n") < 2
+    assert tagged["ssh"].received == []
