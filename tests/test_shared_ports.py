@@ -589,3 +589,67 @@ routes:
         assert await _first_line(port, b"hello\r\n") == b"web\n"
         assert await _closed_without_reply(port, b"SSH-2.0-x\r\n") < 2
     assert tagged["ssh"].received == []
+
+
+class Records:
+    """An observer that keeps every closed connection's record."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def accepted(self, route: str, protocol: str) -> None:
+        pass
+
+    def dialed(self, route: str, target: str, seconds: float) -> None:
+        pass
+
+    def closed(self, record: Any) -> None:
+        self.records.append(record)
+
+    def datagram_dropped(self, route: str, reason: str) -> None:
+        pass
+
+
+async def test_observer_sees_peek_timeout_under_the_listener_and_routed_ones_under_their_route(
+    s_servers: dict[str, int], tagged: dict[str, Tagged]
+) -> None:
+    from tests.hellos import real_hello
+
+    port = free_port()
+    text = passthrough_yaml(port, s_servers, tagged).split("  web:")[0].replace("0.5s", "0.3s")
+    records = Records()
+    server = Server(load_config_text(text, "shared.yml"), observer=records)
+    await server.start()
+    try:
+        await _closed_without_reply(port, real_hello("a.example.com")[:20])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"SSH-2.0-x\r\n")
+        assert await asyncio.wait_for(reader.readline(), 5) == b"ssh\n"
+        writer.close()
+        await eventually(lambda: _true(len(records.records) == 2))
+    finally:
+        await server.stop()
+    by_reason = {r.reason: r for r in records.records}
+    assert by_reason["peek_timeout"].route == f"[::]:{port}"  # the listener: no route took it
+    assert by_reason["normal"].route == "ssh"
+
+
+async def test_reload_removing_routes_from_a_shared_listener(
+    s_servers: dict[str, int], tagged: dict[str, Tagged]
+) -> None:
+    """Removing an SNI route sends its name to the fallback; removing every match leaves a plain
+    route on the port, which still serves (and no longer waits for a peek)."""
+    from tests.hellos import real_hello
+
+    port = free_port()
+    text = passthrough_yaml(port, s_servers, tagged)
+    async with serving(text) as server:
+        without_a = text.replace(text[text.index("  a:\n") : text.index("  b:\n")], "")
+        assert await server.apply(load_config_text(without_a, "shared.yml")) == {}
+        assert await _first_line(port, real_hello("a.example.com")) == b"web\n"
+        only_web = "routes:\n" + text[text.index("  web:\n") :]
+        assert await server.apply(load_config_text(only_web, "shared.yml")) == {}
+        assert not server.listeners
+        started = time.monotonic()
+        assert await _first_line(port, b"") == b"web\n"  # no peek: the greeting comes at once
+        assert time.monotonic() - started < 0.4
