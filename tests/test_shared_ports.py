@@ -243,6 +243,74 @@ async def test_ssh_and_tls_on_one_port(
         assert (await tls_exchange(port, "a.example.com", client_context(pki), b"x\n"))[0] == "a.example.com"
 
 
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str]]:
+    """A real OpenSSH server on a free loopback port with a throwaway host key: (port, key).
+
+    sshd insists on its privilege separation directory /run/sshd; rather than create it on the
+    host, sshd runs in a private mount namespace with a tmpfs on /run (needs root and unshare)."""
+    sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"  # sbin is often not on a user's PATH
+    missing = [b for b in ("ssh", "ssh-keygen", "unshare") if shutil.which(b) is None]
+    missing += [] if os.path.exists(sshd_bin) else ["sshd"]
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)} (the SSH test runs a real sshd and ssh)")
+    if os.geteuid() != 0:
+        pytest.skip("sshd needs root here (a private mount namespace for /run/sshd)")
+    directory = tmp_path_factory.mktemp("sshd")
+    key = directory / "host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    port = free_port()
+    script = (
+        "mount -t tmpfs none /run && mkdir -m 755 /run/sshd && exec "
+        f"{sshd_bin} -D -e -f /dev/null -h {key} -p {port} -o ListenAddress=127.0.0.1 "
+        "-o PidFile=none -o UsePAM=no"
+    )
+    proc = subprocess.Popen(["unshare", "-m", "sh", "-c", script], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.skip("sshd did not start in a private mount namespace")
+        time.sleep(0.02)
+    yield port, (directory / "host_key.pub").read_text().split()[1]
+    proc.terminate()
+    proc.wait()
+
+
+async def test_real_sshd_and_tls_on_one_port(
+    pki: dict[str, Any],
+    s_servers: dict[str, int],
+    tagged: dict[str, Tagged],
+    sshd: tuple[int, str],
+    tmp_path: Path,
+) -> None:
+    """`ssh` through the shared port completes the key exchange with the real sshd and verifies
+    its host key (then fails to log in, as no key is offered), while TLS on the same port still
+    reaches its s_server. (ssh-keyscan would not do: it waits for the server's banner, a
+    server-speaks-first client, so it lands on the fallback after peek_timeout.)"""
+    port = free_port()
+    sshd_port, host_key = sshd
+    text = passthrough_yaml(port, s_servers, tagged).replace(
+        f"{port}:{tagged['ssh'].port}", f"{port}:{sshd_port}"
+    )
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{port} ssh-ed25519 {host_key}\n")
+    async with serving(text):
+        proc = await asyncio.create_subprocess_exec(
+            "ssh", "-F", "/dev/null", "-p", str(port), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known}",
+            "-o", "HostKeyAlgorithms=ssh-ed25519", "-o", "IdentitiesOnly=yes", "-o", "IdentityFile=/dev/null",
+            "nobody@127.0.0.1", "true",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 15)
+        assert b"Permission denied" in err, err
+        assert b"verification failed" not in err
+        assert (await tls_exchange(port, "a.example.com", client_context(pki), b"x\n"))[0] == "a.example.com"
+
+
 async def _tls_by_hand(port: int, name: str | None, pki: dict[str, Any], cuts: list[int] | None,
                        one_byte: bool) -> str:  # fmt: skip
     """A TLS client over a raw socket whose ClientHello is sent re-framed into records cut at
