@@ -19,7 +19,7 @@ from pathlib import Path
 from procs import LOAD_CPU, PROXY_CPU, spawn, stop, wait_tcp
 
 HERE = Path(__file__).resolve().parent
-IPERF, HTTP, DNS, ECHO = 15201, 15280, 15353, 15400
+IPERF, HTTP, DNS, ECHO, HTTPS = 15201, 15280, 15353, 15400, 15443
 PROXY_TCP, PROXY_UDP = 16000, 16053
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
@@ -44,16 +44,29 @@ def portway_bin() -> str:
     return os.environ.get("PORTWAY_BIN") or str(HERE.parent / ".venv" / "bin" / "portway")
 
 
-def _portway(workers: int | None) -> Callable[[Path, int], list[str]]:
+def _portway(workers: int | None, sni: bool = False) -> Callable[[Path, int], list[str]]:
+    """`sni`: the TCP route sits on a shared listener, chosen by SNI (``localhost``, what wrk
+    sends for https://localhost/), beside a fallback route to the same backend that takes
+    everything else (plain HTTP included): every connection pays the peek."""
+
     def cmd(tmp: Path, dst: int) -> list[str]:
         head = f"workers: {workers}\n" if workers else ""
+        shared = ""
+        if sni:
+            shared = f"""    match: {{sni: [localhost]}}
+  fallback:
+    scheme: tcp4
+    host: 127.0.0.1
+    bind: 127.0.0.1
+    port: {PROXY_TCP}:{dst}
+"""
         cfg = f"""{head}routes:
   t:
     scheme: tcp4
     host: 127.0.0.1
     bind: 127.0.0.1
     port: {PROXY_TCP}:{dst}
-  u:
+{shared}  u:
     scheme: udp4
     host: 127.0.0.1
     bind: 127.0.0.1
@@ -128,6 +141,8 @@ def proxies(workers: int | None = None) -> dict[str, Proxy]:
     ``-tcp ADDR -udp ADDR -dst ADDR`` (the bench never builds or fetches it itself)."""
     table = {
         "portway": Proxy("portway", _portway(workers), udp=True),
+        # The same route behind a shared listener that routes by SNI (docs/shared-ports.md).
+        "portway-sni": Proxy("portway-sni", _portway(workers, sni=True), udp=True),
         "haproxy": Proxy("haproxy", _haproxy, udp=False),
         "nginx": Proxy("nginx", _nginx, udp=True),
         # One process per connection: thousands of idle socat processes measure fork, not relaying.
@@ -149,11 +164,20 @@ def start_proxy(proxy: Proxy, tmp: Path, dst: int) -> subprocess.Popen[bytes]:
 
 def start_backends(tmp: Path) -> list[subprocess.Popen[bytes]]:
     """iperf3 server, nginx HTTP, dnsmasq and a TCP echo server, all on the load CPU."""
+    cert, key = tmp / "https.crt", tmp / "https.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-days", "2", "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
     http = f"""daemon off; pid {tmp}/nginx-http.pid; error_log {tmp}/nginx-http.err; worker_processes 1;
 worker_rlimit_nofile 20000;
 events {{ worker_connections 16000; }}
 http {{ access_log off;
   server {{ listen 127.0.0.1:{HTTP} backlog=4096; keepalive_requests 10000000;
+    location / {{ return 200 "hello world\\n"; }} }}
+  server {{ listen 127.0.0.1:{HTTPS} ssl backlog=4096; ssl_certificate {cert}; ssl_certificate_key {key};
+    ssl_session_tickets off; ssl_session_cache off;
     location / {{ return 200 "hello world\\n"; }} }} }}
 """
     procs = [
@@ -178,7 +202,7 @@ http {{ access_log off;
         ),
         spawn([sys.executable, str(HERE / "echo_server.py"), str(ECHO)], LOAD_CPU),
     ]
-    for port in (IPERF, HTTP, ECHO):
+    for port in (IPERF, HTTP, ECHO, HTTPS):
         if not wait_tcp(port):
             for p in procs:
                 stop(p)

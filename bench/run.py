@@ -36,6 +36,8 @@ COLUMNS: list[tuple[str, str, str, bool]] = [
     ("bulk-R", "cpu_s_per_gib", "bulk-R CPU-s/GiB", False),
     ("crr", "req_s", "new conn/s", True),
     ("crr", "cpu_s_per_10k_conn", "CPU-s/10k conn", False),
+    ("crr-tls", "req_s", "new TLS conn/s", True),
+    ("crr-tls", "cpu_s_per_10k_conn", "CPU-s/10k TLS conn", False),
     ("rr", "req_s", "keep-alive req/s", True),
     ("rr", "cpu_s_per_1m_req", "CPU-s/1M req", False),
     ("udp32", "qps", "UDP qps (32)", True),
@@ -97,7 +99,9 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
         peer_values = [
             r[scen][fig]
             for name, r in results.items()
-            if name not in ("portway", "direct") and isinstance(r.get(scen, {}).get(fig), int | float)
+            if not name.startswith("portway")
+            and name != "direct"
+            and isinstance(r.get(scen, {}).get(fig), int | float)
         ]
         if not peer_values:
             continue

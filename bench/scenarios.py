@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from peers import DNS, ECHO, HTTP, IPERF, PROXY_TCP, PROXY_UDP
+from peers import DNS, ECHO, HTTP, HTTPS, IPERF, PROXY_TCP, PROXY_UDP
 from procs import LOAD_CPU, pinned, tree_memory
 
 HERE = Path(__file__).resolve().parent
@@ -25,6 +25,8 @@ SCENARIOS: dict[str, tuple[int, bool]] = {
     "bulk": (IPERF, False),
     "bulk-R": (IPERF, False),
     "crr": (HTTP, False),
+    # New TLS connections (one request each) passed through: what an SNI route is for.
+    "crr-tls": (HTTPS, False),
     "rr": (HTTP, False),
     "udp32": (DNS, True),
     "udp1000": (DNS, True),
@@ -47,11 +49,13 @@ def iperf(port: int, secs: float, reverse: bool) -> dict[str, Any]:
     return {"gbit_s": round(end["bits_per_second"] / 1e9, 2), "gib": round(end["bytes"] / 2**30, 3)}
 
 
-def wrk(port: int, secs: float, close: bool, conns: int = 32) -> dict[str, Any]:
+def wrk(port: int, secs: float, close: bool, conns: int = 32, tls: bool = False) -> dict[str, Any]:
     cmd = ["wrk", "-t1", f"-c{conns}", f"-d{secs:g}s", "--latency"]
     if close:
         cmd += ["-H", "Connection: close"]
-    out = _run([*cmd, f"http://127.0.0.1:{port}/"], secs + 30)
+    # TLS: https://localhost/ so that wrk sends SNI "localhost" (an SNI route matches on it).
+    url = f"https://localhost:{port}/" if tls else f"http://127.0.0.1:{port}/"
+    out = _run([*cmd, url], secs + 30)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     total = re.search(r"(\d+) requests in", out)
     if not rps or not total:
@@ -150,8 +154,8 @@ def run(scenario: str, secs: float, tmp: Path, proxy_pid: int | None, idle_n: in
     udp = DNS if direct else PROXY_UDP
     if scenario in ("bulk", "bulk-R"):
         return iperf(tcp, secs, reverse=scenario == "bulk-R")
-    if scenario in ("crr", "rr"):
-        return wrk(tcp, secs, close=scenario == "crr")
+    if scenario in ("crr", "rr", "crr-tls"):
+        return wrk(tcp, secs, close=scenario != "rr", tls=scenario == "crr-tls")
     if scenario in ("udp32", "udp1000"):
         return dnsperf(udp, secs, clients=32 if scenario == "udp32" else 1000, tmp=tmp)
     if scenario == "idle":
@@ -167,7 +171,7 @@ def efficiency(scenario: str, r: dict[str, Any]) -> None:
         return
     if scenario in ("bulk", "bulk-R") and r.get("gib"):
         r["cpu_s_per_gib"] = round(cpu / r["gib"], 3)
-    elif scenario == "crr" and r.get("requests"):
+    elif scenario in ("crr", "crr-tls") and r.get("requests"):
         r["cpu_s_per_10k_conn"] = round(cpu / r["requests"] * 1e4, 3)
     elif scenario == "rr" and r.get("requests"):
         r["cpu_s_per_1m_req"] = round(cpu / r["requests"] * 1e6, 2)

@@ -73,6 +73,18 @@ class AdmissionFactory:
                 raise exc.located(field="acl") from None
         return self._global
 
+    def global_access_control(self) -> AccessControl | None:
+        """The global ACL (shared), or None: what a shared listener applies before choosing a route."""
+        global_acl = self.config.acl if self.config is not None else None
+        if global_acl is None:
+            return None
+        if self._global is None:
+            try:
+                self._global = self._build(global_acl, "global")
+            except ConfigError as exc:
+                raise exc.located(field="acl") from None
+        return self._global
+
     def proxy_protocol(self, route: RouteConfig) -> ProxyProtocolPolicy | None:
         """The route's PROXY protocol receiving policy, else the entrypoint's (TCP only)."""
         if route.proxy_protocol is not None:

@@ -14,6 +14,8 @@ Rules:
 * Settings outside ``routes:`` that every route inherits (the global ``acl`` and the
   ``entrypoint``) count as part of each route: changing them replaces every route.
 * ``grace_period``, ``providers`` and ``workers`` change no route by themselves.
+* The routes of a shared listener (``match:``/``tls:``) are rebuilt together, listener and all,
+  when any of them is added, removed or changed (see ``shared_groups_changed``).
 * A route whose only changes are to its pool (``host``/``targets``, the target port,
   ``load_balance``, ``healthcheck``) is *retargeted*: its listener and every live connection
   stay, the pool is updated in place (targets that stay keep their health state), and only
@@ -22,13 +24,13 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from portway.addr import PortSpec
-from portway.config.schema import Config, RouteConfig, listeners_overlap
+from portway.config.schema import Config, RouteConfig, listeners_overlap, shared_groups
 
-__all__ = ["ReloadPlan", "plan_reload", "shared_settings_changed"]
+__all__ = ["ReloadPlan", "plan_reload", "shared_groups_changed", "shared_settings_changed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,18 +63,25 @@ def shared_settings_changed(old: Config, new: Config) -> bool:
 
 
 def plan_reload(
-    old: Mapping[str, RouteConfig], new: Mapping[str, RouteConfig], *, replace_all: bool = False
+    old: Mapping[str, RouteConfig],
+    new: Mapping[str, RouteConfig],
+    *,
+    replace_all: bool = False,
+    replace: Collection[str] = (),
 ) -> ReloadPlan:
     """Compare running routes `old` with the wanted routes `new`.
 
     With `replace_all` (see ``shared_settings_changed``) every route present in both counts as
-    changed.
+    changed; routes in `replace` count as changed too (the routes of a shared listener that
+    changes are all rebuilt with it, see `shared_groups_changed`).
     """
     unchanged: list[str] = []
     changed: list[str] = []
     retargeted: list[str] = []
     for name in sorted(old.keys() & new.keys()):
-        if old[name] == new[name] and not replace_all:
+        if name in replace:
+            changed.append(name)
+        elif old[name] == new[name] and not replace_all:
             unchanged.append(name)
         elif not replace_all and only_pool_changed(old[name], new[name]):
             retargeted.append(name)
@@ -92,6 +101,26 @@ def plan_reload(
         tuple(release_first),
         tuple(retargeted),
     )
+
+
+def shared_groups_changed(
+    old: Mapping[str, RouteConfig], new: Mapping[str, RouteConfig], plan: ReloadPlan
+) -> set[str]:
+    """The routes of every shared listener that a reload touches: one whose set of routes changes,
+    or one of whose routes is added, removed or changed (a pool-only change does not count: the
+    listener and the route's stream both stay). The whole group is rebuilt, listener included:
+    simpler than patching a live match table, and the port is closed only for as long as any
+    changed route's would be. Connections already handed to a route drain as usual."""
+    touched = {*plan.added, *plan.changed, *plan.removed}
+    old_groups = shared_groups(dict(old))
+    new_groups = shared_groups(dict(new))
+    out: set[str] = set()
+    for key in old_groups.keys() | new_groups.keys():
+        before, after = old_groups.get(key, []), new_groups.get(key, [])
+        if before != after or touched.intersection(before) or touched.intersection(after):
+            out.update(before)
+            out.update(after)
+    return out
 
 
 def pool_settings(route: RouteConfig) -> tuple[object, ...]:

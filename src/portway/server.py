@@ -15,14 +15,17 @@ from collections.abc import Mapping, Sequence
 from portway.addr import family_of, format_hostport, is_udp
 from portway.admission import AdmissionFactory
 from portway.balance import HealthPolicy
+from portway.certificates import ServerCertificates, target_context
 from portway.config.links import fold_links
-from portway.config.schema import Config, RouteConfig, listen_key, listeners_overlap
+from portway.config.schema import Config, Proto, RouteConfig, listen_key, listeners_overlap, shared_groups
 from portway.errors import PortwayError
 from portway.events import Observer
 from portway.limits import ClientLimits
-from portway.reload import plan_reload, pool_settings, shared_settings_changed
+from portway.matching import MatchTable
+from portway.reload import plan_reload, pool_settings, shared_groups_changed, shared_settings_changed
 from portway.status import RouteStatus, TargetStatus
 from portway.stream.pool import HealthCheck, PoolMember, TargetPool
+from portway.stream.shared import SharedListener
 from portway.stream.tcp import TCPStream
 from portway.stream.udp import UDPStream
 
@@ -66,14 +69,16 @@ def build_stream(
     admission: AdmissionFactory | None = None,
     pool: TargetPool | None = None,
     observer: Observer | None = None,
+    shared: bool = False,
 ) -> AnyStream:
     """The stream a route describes (not yet bound).
 
     `admission` supplies the global ACL and the entrypoint's PROXY protocol settings and shares
     GeoIP databases and ACL logs between routes; without it only the route's own ACL and PROXY
     settings apply. Raises ConfigError (naming the route) if a GeoIP database or ACL log file
-    cannot be opened. `pool` is the caller's (it stops it); without one the stream builds and
-    owns its own.
+    cannot be opened, or a TLS certificate or key cannot be loaded. `pool` is the caller's (it
+    stops it); without one the stream builds and owns its own. `shared`: the route sits behind a
+    `SharedListener` (see `build_listener`), so the stream never binds.
     """
     admission = admission if admission is not None else AdmissionFactory()
     listen = format_hostport(route.listen_host(), route.port.listening)
@@ -100,6 +105,15 @@ def build_stream(
             observer=observer,
         )
     else:
+        tls = route.tls
+        certificates = None
+        relay_tls = None
+        if tls is not None:
+            certificates = ServerCertificates(
+                name, tls.pairs(), client_ca=tls.client_ca, min_version=tls.min_version
+            )
+            if tls.relay:
+                relay_tls = target_context(name, ca=tls.ca, verify=tls.verify)
         stream = TCPStream(
             route.scheme,
             listen,
@@ -116,9 +130,46 @@ def build_stream(
             max_connections=route.max_connections,
             client_limits=client_limits(route),
             observer=observer,
+            shared=shared,
+            tls=certificates,
+            target_tls=relay_tls,
         )
     stream.owns_pool = owned
     return stream
+
+
+ListenKey = tuple[Proto, str, int]
+
+
+def build_listener(
+    routes: dict[str, RouteConfig],
+    streams: dict[str, TCPStream],
+    *,
+    reuse_port: bool = False,
+    admission: AdmissionFactory | None = None,
+    observer: Observer | None = None,
+) -> SharedListener:
+    """The shared listener of one group of routes (`shared_groups`), over their streams.
+
+    Listener-level settings come from the first route: validation made every route agree. The
+    global ACL is applied by the listener, before any peek, when every route of the group uses
+    it; a route with its own ACL replaces the global one, so then each route applies its own
+    after the choice (as a plain route would)."""
+    admission = admission if admission is not None else AdmissionFactory()
+    first = next(iter(routes.values()))
+    table = MatchTable({n: r.match.to_match() if r.match is not None else None for n, r in routes.items()})
+    return SharedListener(
+        first.scheme,
+        first.listen_host(),
+        first.port.listening,
+        streams,
+        table,
+        peek_timeout=first.peek_timeout,
+        proxy_protocol=admission.proxy_protocol(first),
+        access=admission.global_access_control() if all(r.acl is None for r in routes.values()) else None,
+        reuse_port=reuse_port,
+        observer=observer,
+    )
 
 
 class Server:
@@ -132,6 +183,8 @@ class Server:
         self.reuse_port = reuse_port
         self.observer = observer
         self.streams: dict[str, AnyStream] = {}
+        #: The shared listeners (routes with `match:` or `tls:`), by listen address.
+        self.listeners: dict[ListenKey, SharedListener] = {}
         #: Each running route's pool; a stream only borrows it (see the module docstring).
         self.pools: dict[str, TargetPool] = {}
         #: The global ACL, GeoIP databases and ACL logs, opened once and shared by the routes.
@@ -145,12 +198,24 @@ class Server:
     async def start(self) -> None:
         """Resolve and bind every route, then serve them all; on any failure, nothing is left running."""
         self.config = fold(self.config)
-        pools = {name: build_pool(name, r) for name, r in self.config.routes.items()}
-        streams = {name: self._build(name, r, pools[name]) for name, r in self.config.routes.items()}
+        routes = self.config.routes
+        groups = shared_groups(routes)
+        grouped = {n for names in groups.values() for n in names}
+        pools: dict[str, TargetPool] = {}
+        streams: dict[str, AnyStream] = {}
+        listeners: dict[ListenKey, SharedListener] = {}
         try:
+            for name, r in routes.items():
+                pools[name] = build_pool(name, r)
+                streams[name] = self._build(name, r, pools[name], shared=name in grouped)
             for stream in streams.values():
                 await stream.prepare()
+            for key, names in groups.items():
+                listeners[key] = self._build_listener(names, routes, streams)
+                listeners[key].prepare()
         except BaseException:
+            for listener in listeners.values():
+                listener.close()
             for stream in streams.values():
                 await stream.close()
             for pool in pools.values():
@@ -161,9 +226,15 @@ class Server:
             await stream.listen_and_serve()
             self.streams[name] = stream
             log.info("route started", extra={**stream.fields, "action": "start"})
+        for key, listener in listeners.items():
+            listener.serve()
+            self.listeners[key] = listener
 
     async def stop(self, grace: float = 0.0) -> None:
         """Stop accepting everywhere, give live connections `grace` seconds, then close them."""
+        for listener in self.listeners.values():
+            listener.close()
+        self.listeners = {}
         streams, self.streams = self.streams, {}
         draining, self._draining = self._draining, {}
         await asyncio.gather(
@@ -203,6 +274,16 @@ class Server:
         running = {name: self.config.routes[name] for name in self.streams}
         shared_changed = shared_settings_changed(self.config, config)
         plan = plan_reload(running, config.routes, replace_all=shared_changed)
+        regroup = shared_groups_changed(running, config.routes, plan)
+        if regroup:
+            plan = plan_reload(running, config.routes, replace_all=shared_changed, replace=regroup)
+        new_groups = {k: v for k, v in shared_groups(config.routes).items() if regroup.intersection(v)}
+        for key in [k for k, listener in self.listeners.items() if regroup.intersection(listener.routes)]:
+            self.listeners.pop(key).close()  # its routes drain below, like any replaced route
+        for name in plan.unchanged:
+            stream = self.streams[name]
+            if isinstance(stream, TCPStream) and stream.tls is not None:
+                stream.tls.reload()  # a reload (SIGHUP) re-reads certificates even when unchanged
         retired_admission = None
         if shared_changed:
             # New global ACL or entrypoint: every route is rebuilt against a fresh factory; the old
@@ -240,7 +321,17 @@ class Server:
             pool = self.pools.get(name)
             if pool is None or old_route is None or pool_settings(old_route) != pool_settings(route):
                 pool = build_pool(name, route)
-            stream = self._build(name, route, pool)
+            try:
+                stream = self._build(name, route, pool, shared=any(name in v for v in new_groups.values()))
+            except PortwayError as exc:
+                if pool is not self.pools.get(name):
+                    pool.stop()
+                failed[name] = exc
+                log.error(
+                    "route failed to start on reload",
+                    extra={"route": name, "action": "reload", "error": str(exc)},
+                )
+                continue
             if name in handover and isinstance(stream, UDPStream):
                 old_stream = self.streams[handover[name]]
                 assert isinstance(old_stream, UDPStream)
@@ -262,6 +353,7 @@ class Server:
                     await self._retire(self.streams.pop(old_name), grace, "removed")
                 continue
             ready[name] = stream
+        listeners = await self._regroup(new_groups, config.routes, ready, failed)
         for name in plan.removed:
             self.pools.pop(name, None)
         for name, stream in ready.items():
@@ -285,6 +377,9 @@ class Server:
                     await self._retire(retiring, None, "replaced")
             elif old is not None:
                 await self._retire(old, grace, "replaced")
+        for key, listener in listeners.items():
+            listener.serve()
+            self.listeners[key] = listener
         done = {*ready, *plan.unchanged, *retargeted}
         routes = {name: config.routes[name] if name in done else running[name] for name in self.streams}
         self.config = config.model_copy(update={"routes": routes})
@@ -340,7 +435,7 @@ class Server:
         self._closers.add(task)
         task.add_done_callback(self._closers.discard)
 
-    def _build(self, name: str, route: RouteConfig, pool: TargetPool) -> AnyStream:
+    def _build(self, name: str, route: RouteConfig, pool: TargetPool, *, shared: bool = False) -> AnyStream:
         """How `start` and `apply` build a stream."""
         return build_stream(
             name,
@@ -349,7 +444,57 @@ class Server:
             admission=self.admission,
             pool=pool,
             observer=self.observer,
+            shared=shared,
         )
+
+    def _build_listener(
+        self, names: list[str], routes: Mapping[str, RouteConfig], streams: Mapping[str, AnyStream]
+    ) -> SharedListener:
+        members = {n: streams[n] for n in names}
+        assert all(isinstance(s, TCPStream) for s in members.values())
+        return build_listener(
+            {n: routes[n] for n in names},
+            {n: s for n, s in members.items() if isinstance(s, TCPStream)},
+            reuse_port=self.reuse_port,
+            admission=self.admission,
+            observer=self.observer,
+        )
+
+    async def _regroup(
+        self,
+        groups: dict[ListenKey, list[str]],
+        routes: Mapping[str, RouteConfig],
+        ready: dict[str, AnyStream],
+        failed: dict[str, Exception],
+    ) -> dict[ListenKey, SharedListener]:
+        """Bind the new shared listeners of a reload. A group starts whole or not at all: if one
+        of its routes failed, or the port cannot be bound, every route of the group fails."""
+        out: dict[ListenKey, SharedListener] = {}
+        for key, names in groups.items():
+            problem: Exception | None = next((failed[n] for n in names if n in failed), None)
+            listener = None
+            if problem is None:
+                try:
+                    listener = self._build_listener(names, routes, ready)
+                    listener.prepare()
+                except (PortwayError, OSError) as exc:
+                    problem = exc
+            if listener is not None and problem is None:
+                out[key] = listener
+                continue
+            assert problem is not None
+            for name in names:
+                stream = ready.pop(name, None)
+                if stream is not None:
+                    await stream.close()
+                    if stream.pool is not self.pools.get(name):
+                        stream.pool.stop()
+                    failed.setdefault(name, problem)
+                    log.error(
+                        "route failed to start on reload (its shared listener did not start)",
+                        extra={"route": name, "action": "reload", "error": str(problem)},
+                    )
+        return out
 
     async def _retire(
         self, stream: AnyStream, grace: float | None, why: str, *, release: bool = False

@@ -194,7 +194,11 @@ class _Cursor:
         return int.from_bytes(self.take(size, what), "big")
 
     def vector(self, size_bytes: int, what: str) -> _Cursor:
-        size = self.number(size_bytes, f"{what} length")
+        pos = self.pos
+        if self.end - pos < size_bytes:  # the message is formatted only when it is needed
+            raise SniffError(f"ClientHello truncated in {what} length")
+        size = int.from_bytes(self.data[pos : pos + size_bytes], "big")
+        self.pos = pos + size_bytes
         if self.end - self.pos < size:
             raise SniffError(f"ClientHello truncated in {what}")
         inner = _Cursor(self.data, self.pos, self.pos + size)
@@ -312,19 +316,30 @@ def _parse_hello_body(message: bytes, *, length: int, records: int) -> ClientHel
         extensions = hello.vector(2, "extensions")
         if not hello.done():
             raise SniffError("ClientHello has bytes after its extensions")
+        # The hot loop of a shared listener (every TLS connection walks it): plain offsets, and a
+        # cursor only for the three extensions read.
         seen: set[int] = set()
-        while not extensions.done():
-            kind = extensions.number(2, "extension type")
-            body = extensions.vector(2, f"extension {kind}")
+        data, pos, end = message, extensions.pos, extensions.end
+        while pos < end:
+            if end - pos < 2:
+                raise SniffError("ClientHello truncated in extension type")
+            kind = data[pos] << 8 | data[pos + 1]
+            if end - pos < 4:
+                raise SniffError(f"ClientHello truncated in extension {kind} length")
+            size = data[pos + 2] << 8 | data[pos + 3]
+            pos += 4
+            if end - pos < size:
+                raise SniffError(f"ClientHello truncated in extension {kind}")
             if kind in seen:
                 raise SniffError(f"ClientHello repeats extension {kind}")
             seen.add(kind)
             if kind == _EXT_SERVER_NAME:
-                sni = _parse_server_name(body)
+                sni = _parse_server_name(_Cursor(data, pos, pos + size))
             elif kind == _EXT_ALPN:
-                alpn = _parse_alpn(body)
+                alpn = _parse_alpn(_Cursor(data, pos, pos + size))
             elif kind == _EXT_SUPPORTED_VERSIONS:
-                versions = _parse_supported_versions(body)
+                versions = _parse_supported_versions(_Cursor(data, pos, pos + size))
+            pos += size
     return ClientHello(length, sni, alpn, legacy_version, versions, records)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from portway.addr import format_hostport, ip_family, is_udp
 from portway.config.durations import format_duration
 from portway.config.links import fold_links
-from portway.config.schema import AclConfig, Config, ProxyProtocolConfig, RouteConfig
+from portway.config.schema import AclConfig, Config, ProxyProtocolConfig, RouteConfig, share_listener
 
 __all__ = ["describe", "route_options", "route_table", "summary_lines"]
 
@@ -57,6 +57,22 @@ def route_table(config: Config) -> str:
 def route_options(config: Config, r: RouteConfig) -> str:
     """``key=value`` words, no spaces inside one, in the order a connection meets them."""
     words: list[str] = []
+    if r.match is not None:
+        m = r.match
+        parts = [f"sni={'|'.join(m.sni)}"] if m.sni else []
+        parts += [f"alpn={'|'.join(m.alpn)}"] if m.alpn else []
+        parts += [f"http_host={'|'.join(m.http_host)}"] if m.http_host else []
+        parts += [f"protocol={m.protocol}"] if m.protocol else []
+        words.append(f"match={','.join(parts) or 'fallback'}")
+    elif any(o is not r and o.match is not None and share_listener(o, r) for o in config.routes.values()):
+        words.append("match=fallback")
+    if any(o.match is not None and share_listener(o, r) for o in config.routes.values()):
+        words.append(f"peek_timeout={format_duration(r.peek_timeout)}")
+    if r.tls is not None:
+        tls = r.tls
+        extra = f",client_ca={tls.client_ca}" if tls.client_ca else ""
+        extra += (",relay" + ("" if tls.verify else "(no-verify)")) if tls.relay else ""
+        words.append(f"tls=terminate(certs={len(tls.pairs())},min={tls.min_version}{extra})")
     if r.acl is not None:
         words.append(f"acl=route({_acl_counts(r.acl)})")
     elif config.acl is not None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from portway.addr import family_of, ip_family, is_udp
 from portway.admission import AdmissionFactory
+from portway.certificates import ServerCertificates, target_context
 from portway.config.load import Sources
 from portway.config.schema import AclConfig, RouteConfig
 from portway.errors import ConfigError
@@ -57,6 +58,14 @@ def preflight(sources: Sources, *, offline: bool = False) -> Preflight:
     finally:
         admission.close()
     for name, route in config.routes.items():
+        if route.tls is not None:  # loaded exactly as serve loads them: a bad pair names its file
+            tls = route.tls
+            try:
+                ServerCertificates(name, tls.pairs(), client_ca=tls.client_ca, min_version=tls.min_version)
+                if tls.relay:
+                    target_context(name, ca=tls.ca, verify=tls.verify)
+            except ConfigError as exc:
+                add(sources.locate(exc, ("tls",)))
         for index, target in enumerate(route.pool()):
             problem = resolve_problem(route, target.host, target.port or route.port.target)
             if problem is None:

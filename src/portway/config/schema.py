@@ -34,6 +34,7 @@ from portway.addr import (
 )
 from portway.config.durations import parse_duration
 from portway.config.pools import HealthCheckConfig, LoadBalanceConfig, PerClientConfig, TargetConfig
+from portway.config.tls import MatchConfig, TLSConfig
 
 
 def _duration(value: Any) -> Any:
@@ -154,6 +155,12 @@ class RouteConfig(_Model):
     #: Live connections (TCP) or sessions (UDP) of this route, per worker; past it new clients are refused.
     max_connections: int | None = Field(default=None, ge=1)
     per_client: PerClientConfig = Field(default_factory=PerClientConfig)
+    #: Shared ports: which connections of a listener shared with other routes this route takes.
+    match: MatchConfig | None = None
+    #: Shared ports: how long to wait for the client's first bytes (every route of a listener agrees).
+    peek_timeout: Annotated[float, BeforeValidator(_duration), Field(gt=0)] = 3.0
+    #: Terminate TLS here (TCP only); the target gets plaintext unless `tls.relay`.
+    tls: TLSConfig | None = None
 
     @field_validator("targets")
     @classmethod
@@ -184,7 +191,19 @@ class RouteConfig(_Model):
     def _host_or_targets(self) -> RouteConfig:
         if self.targets is not None and "host" in self.model_fields_set:
             raise ValueError("give `host` (one target) or `targets` (a pool), not both")
+        if is_udp(self.scheme) and self.tls is not None:
+            raise ValueError("tls: terminates TLS over TCP; a UDP route cannot have it")
+        if is_udp(self.scheme) and self.match is not None:
+            raise ValueError("match: on UDP listeners (QUIC SNI) is not supported yet; TCP routes only")
+        if self.shares_listener and self.port.listening == 0:
+            what = "match:" if self.match is not None else "tls:"
+            raise ValueError(f"{what} needs a fixed listening port (it runs on a shared listener), not 0")
         return self
+
+    @property
+    def shares_listener(self) -> bool:
+        """Whether this route runs behind a shared listener (it has a match or terminates TLS)."""
+        return self.match is not None or self.tls is not None
 
     def pool(self) -> list[TargetConfig]:
         """The targets, with `host` as a pool of one and every port filled in."""
@@ -341,6 +360,28 @@ Proto = Literal["tcp", "udp"]
 
 def listen_key(route: RouteConfig) -> tuple[Proto, str, int]:
     return ("udp" if is_udp(route.scheme) else "tcp", route.listen_host(), route.port.listening)
+
+
+def share_listener(a: RouteConfig, b: RouteConfig) -> bool:
+    """Whether two routes may share one listener: the very same TCP address, told apart by `match`
+    (at least one has one; whether the matches differ is `portway.matching.check_routes`' job)."""
+    return (
+        listen_key(a) == listen_key(b)
+        and a.scheme == b.scheme
+        and not is_udp(a.scheme)
+        and a.port.listening != 0
+        and (a.match is not None or b.match is not None)
+    )
+
+
+def shared_groups(routes: dict[str, RouteConfig]) -> dict[tuple[Proto, str, int], list[str]]:
+    """The routes behind each shared listener, in config order: every TCP listen address where
+    some route has a `match` or terminates TLS (a lone ``tls:`` route is a group of one)."""
+    groups: dict[tuple[Proto, str, int], list[str]] = {}
+    for name, route in routes.items():
+        if not is_udp(route.scheme) and route.port.listening != 0:
+            groups.setdefault(listen_key(route), []).append(name)
+    return {key: names for key, names in groups.items() if any(routes[n].shares_listener for n in names)}
 
 
 def listeners_overlap(a: RouteConfig, b: RouteConfig) -> bool:

@@ -14,9 +14,10 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from portway.config.links import fold_links
-from portway.config.schema import Config, listeners_overlap
+from portway.config.schema import Config, listen_key, listeners_overlap, share_listener, shared_groups
 from portway.config.yamlload import Document, Mark
 from portway.errors import ConfigError
+from portway.matching import check_routes
 
 
 def read_config_file(path: Path) -> str:
@@ -46,6 +47,7 @@ def validate_config(data: dict[str, Any], doc: Document) -> Config:
     except ValidationError as exc:
         raise _first_error(exc, doc) from None
     check_listen_conflicts(config, doc)
+    check_shared_listeners(config, doc)
     check_links(config, doc)
     return config
 
@@ -70,8 +72,12 @@ def check_links(config: Config, doc: Document | None = None) -> None:
 
 def check_listen_conflicts(config: Config, doc: Document | None = None) -> None:
     names = list(config.routes)
+    shared = shared_groups(config.routes)
     for i, name in enumerate(names):
         for other in names[:i]:
+            a, b = config.routes[name], config.routes[other]
+            if share_listener(a, b) or (a.scheme == b.scheme and listen_key(a) == listen_key(b) in shared):
+                continue  # one shared listener: check_shared_listeners checks the matches
             if listeners_overlap(config.routes[name], config.routes[other]):
                 route = config.routes[name]
                 mark = doc.mark_of(("routes", name, "port")) if doc else None
@@ -85,6 +91,44 @@ def check_listen_conflicts(config: Config, doc: Document | None = None) -> None:
                     line=mark.line if mark else None,
                     column=mark.column if mark else None,
                 )
+
+
+#: Settings of the listener itself, not of one route: every route sharing it must agree.
+LISTENER_FIELDS = ("peek_timeout", "proxy_protocol")
+
+
+def check_shared_listeners(config: Config, doc: Document | None = None) -> None:
+    """The routes of each shared listener: distinct matches, and one set of listener settings."""
+
+    def fail(message: str, route: str, field: str) -> ConfigError:
+        path = ("routes", route, *field.split("."))
+        mark = (doc.mark_of(path) or doc.mark_of(("routes", route))) if doc else None
+        return ConfigError(
+            message,
+            file=doc.source if doc else None,
+            route=route,
+            field=field,
+            line=mark.line if mark else None,
+            column=mark.column if mark else None,
+        )
+
+    for names in shared_groups(config.routes).values():
+        routes = {n: config.routes[n] for n in names}
+        matches = {n: r.match.to_match() if r.match is not None else None for n, r in routes.items()}
+        problems = check_routes(matches)
+        if problems:
+            problem = problems[0]
+            raise fail(problem.message, problem.route or names[0], problem.field or "match")
+        first = names[0]
+        for name in names[1:]:
+            for field in LISTENER_FIELDS:
+                if getattr(routes[name], field) != getattr(routes[first], field):
+                    raise fail(
+                        f"shares its listener with route {first!r} but sets a different {field} "
+                        "(a listener-level setting: every route on one port must agree)",
+                        name,
+                        field,
+                    )
 
 
 def _first_error(exc: ValidationError, doc: Document) -> ConfigError:

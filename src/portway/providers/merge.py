@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from portway.config.schema import RouteConfig, listen_key, listeners_overlap
+from portway.config.schema import RouteConfig, listen_key, listeners_overlap, share_listener
+from portway.matching import check_routes
 
 __all__ = ["Merged", "merge_routes"]
 
@@ -33,9 +34,24 @@ def merge_routes(sources: Sequence[tuple[Mapping[str, RouteConfig], Mapping[str,
                     f"route {name!r} is defined in {out.origins[name]} and {origin}; kept the first"
                 )
                 continue
-            clash = next((other for other, r in out.routes.items() if listeners_overlap(r, route)), None)
+            clash = next(
+                (
+                    o
+                    for o, r in out.routes.items()
+                    if listeners_overlap(r, route) and not share_listener(r, route)
+                ),
+                None,
+            )
+            proto, host, port = listen_key(route)
+            why = _cannot_share(
+                name, route, {o: r for o, r in out.routes.items() if share_listener(r, route)}
+            )
+            if clash is None and why is not None:
+                out.problems.append(
+                    f"route {name!r} ({origin}) cannot share {host} port {port}/{proto}: {why}; skipped"
+                )
+                continue
             if clash is not None:
-                proto, host, port = listen_key(route)
                 out.problems.append(
                     f"route {name!r} ({origin}) listens on {host} port {port}/{proto} like route {clash!r} "
                     f"({out.origins[clash]}); skipped"
@@ -44,3 +60,21 @@ def merge_routes(sources: Sequence[tuple[Mapping[str, RouteConfig], Mapping[str,
             out.routes[name] = route
             out.origins[name] = origin
     return out
+
+
+def _cannot_share(name: str, route: RouteConfig, group: dict[str, RouteConfig]) -> str | None:
+    """Why `route` cannot join the routes already on its shared listener (a conflicting match, or
+    different listener-level settings), or None."""
+    if not group:
+        return None
+    members = {**group, name: route}
+    problems = check_routes(
+        {n: r.match.to_match() if r.match is not None else None for n, r in members.items()}
+    )
+    if problems:
+        return problems[0].message
+    first, other = next(iter(group.items()))
+    for setting in ("peek_timeout", "proxy_protocol"):
+        if getattr(route, setting) != getattr(other, setting):
+            return f"its {setting} differs from route {first!r}'s"
+    return None

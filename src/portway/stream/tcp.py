@@ -42,8 +42,11 @@ from portway.stream.resolve import SockAddr
 from portway.stream.tcp_splice import SpliceConn
 
 if TYPE_CHECKING:
+    import ssl
+
     from portway.access import AccessControl
     from portway.balance import TargetState
+    from portway.certificates import ServerCertificates
     from portway.limits import ClientLimits
     from portway.proxy_header import ProxyProtocolPolicy
     from portway.stream.pool import TargetPool
@@ -590,6 +593,9 @@ class TCPStream(Endpoint):
         max_connections: int | None = None,
         client_limits: ClientLimits | None = None,
         observer: Observer | None = None,
+        shared: bool = False,
+        tls: ServerCertificates | None = None,
+        target_tls: ssl.SSLContext | None = None,
     ) -> None:
         """`access` admits clients by address; `proxy_protocol` makes the listener read PROXY
         headers from trusted proxies; `relay_proxy_protocol` (1 or 2, 0 = off) sends a header of
@@ -597,7 +603,12 @@ class TCPStream(Endpoint):
 
         `engine`: "splice" relays on raw sockets (zero-copy with os.splice where it exists),
         "transport" with asyncio transports; "auto" (the default, or $PORTWAY_TCP_ENGINE) picks
-        splice on Linux unless an `on_read` hook needs the bytes in user space."""
+        splice on Linux unless an `on_read` hook needs the bytes in user space.
+
+        `shared`: the route sits behind a `portway.stream.shared.SharedListener`, which owns the
+        socket, accepts, reads the PROXY header and picks the route; this stream never binds and
+        takes connections through `portway.stream.handoff.serve_accepted`. `tls` terminates TLS
+        (transport engine only); `target_tls` re-encrypts towards the target."""
         if network not in ("tcp", "tcp4", "tcp6"):
             raise ValueError(f"TCPStream needs a tcp network, not {network!r}")
         super().__init__(
@@ -638,8 +649,20 @@ class TCPStream(Endpoint):
         self._sweeper: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None
         self._dial_errors = BurstLog(5.0)
+        self.shared = shared
+        self.tls = tls
+        self.target_tls = target_tls
+        self._prepared = False
 
     # -- Stream protocol
+
+    async def prepare(self) -> None:
+        if not self.shared:
+            await super().prepare()
+        elif not self._prepared:  # no socket of its own: the shared listener binds
+            self.loop = asyncio.get_running_loop()
+            await self.pool.start()
+            self._prepared = True
 
     async def listen_and_serve(self, pre_dial: Hook | None = None, on_read: Hook | None = None) -> None:
         try:
@@ -647,9 +670,12 @@ class TCPStream(Endpoint):
         except BaseException:
             self.stop_pool()
             raise
-        assert self._sock is not None
         self.pre_dial = pre_dial
         self.on_read = on_read
+        if self.shared:
+            self._serve_handed()
+            return
+        assert self._sock is not None
         # Chosen once here, so routes without admission run the plain classes untouched.
         admitting = self.access is not None or self.proxy_protocol is not None or self.relay_version != 0
         if self.access is not None and not self._attached:
@@ -672,13 +698,25 @@ class TCPStream(Endpoint):
         if self.idle_timeout > 0:
             self._sweeper = self.loop.create_task(self._sweep_idle())
 
+    def _serve_handed(self) -> None:
+        """Get ready for connections a shared listener hands over (it does the accepting)."""
+        if self.access is not None and not self._attached:
+            self.access.attach()
+            self._attached = True
+        if self.uses_splice_engine() and splice.HAVE_SPLICE:
+            self.pipe_pool = splice.pipe_pool_for(self.loop)
+        if self.tls is not None:
+            self.tls.watch(self.loop)
+        if self.idle_timeout > 0:
+            self._sweeper = self.loop.create_task(self._sweep_idle())
+
     def live(self) -> list[Any]:
         return list(self.conns)
 
     def uses_splice_engine(self) -> bool:
         """Whether connections run on the raw-socket engine (decided when serving starts)."""
-        if self.on_read is not None or self.engine == "transport":
-            return False  # an on_read hook needs the bytes in user space
+        if self.on_read is not None or self.engine == "transport" or self.tls is not None:
+            return False  # an on_read hook (and TLS) needs the bytes in user space
         return self.engine == "splice" or splice.HAVE_SPLICE
 
     async def _serve_transports(self, admitting: bool) -> None:
@@ -700,6 +738,8 @@ class TCPStream(Endpoint):
         self._sock = None
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.tls is not None:
+            self.tls.stop_watching()
         self.stop_pool()
         if self._attached and self.access is not None:
             self._attached = False
@@ -744,7 +784,7 @@ class TCPStream(Endpoint):
                     addresses = pool.addresses(index)
                     for position, addr in enumerate(addresses):
                         try:
-                            transport, _ = await self._connect(addr, protocol)
+                            transport, _ = await self._connect(addr, protocol, pool.members[index].host)
                         except OSError as exc:
                             last = exc
                             if exc.errno in _FD_EXHAUSTED:
@@ -766,8 +806,14 @@ class TCPStream(Endpoint):
             raise NoTarget
         raise last
 
-    async def _connect(self, addr: SockAddr, protocol: _Target) -> tuple[asyncio.Transport, Any]:
+    async def _connect(
+        self, addr: SockAddr, protocol: _Target, name: str = ""
+    ) -> tuple[asyncio.Transport, Any]:
         family, (host, port) = addr
+        if self.target_tls is not None:  # tls.relay: verified against the target's configured name
+            return await self.loop.create_connection(
+                lambda: protocol, host, port, family=family, ssl=self.target_tls, server_hostname=name or host
+            )
         return await self.loop.create_connection(lambda: protocol, host, port, family=family)
 
     def forget(self, conn: _Client | SpliceConn) -> None:

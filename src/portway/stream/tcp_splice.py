@@ -213,6 +213,21 @@ class SpliceConn:
                 return
         self._admit()
 
+    def start_handed(self, client: Address, local: Address | None, initial: bytes) -> None:
+        """Taken over from a shared listener, which already read the PROXY header (`client`,
+        `local` are what it believed) and consumed `initial` while peeking: those bytes go to
+        the target first, then the pump splices the rest. Continues with the route's ACL."""
+        self.client = client
+        if local is None and self.stream.relay_version:
+            try:
+                name = self.client_sock.getsockname()
+                local = (name[0], name[1])
+            except OSError:
+                local = None
+        self.local = local
+        self.initial = initial or None
+        self._admit()
+
     def _on_header_readable(self) -> None:
         reader = self.reader
         if reader is None or self.phase != _ADMITTING:
