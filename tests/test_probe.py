@@ -330,6 +330,21 @@ async def test_udp_reply_matched_or_not() -> None:
 DNSMASQ = shutil.which("dnsmasq") or (shutil.which("dnsmasq", path="/usr/sbin:/sbin"))
 
 
+def unused_tcp_and_udp_port() -> int:
+    """A 127.0.0.1 port free for TCP and UDP alike (a busy machine's TCP ephemeral ports are not)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port: int = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no port free for both TCP and UDP")
+
+
 def dns_query(query_id: int, name: str) -> bytes:
     header = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0)  # recursion desired, one question
     labels = b"".join(bytes([len(part)]) + part.encode() for part in name.split("."))
@@ -343,7 +358,7 @@ def running_dnsmasq() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
         pytest.skip("dnsmasq is not installed (apt-get install dnsmasq)")
     seen = b""
     for _ in range(5):
-        port = unused_udp_port(*V4)
+        port = unused_tcp_and_udp_port()  # dnsmasq binds both
         proc = subprocess.Popen(
             [
                 DNSMASQ,

@@ -400,7 +400,9 @@ class Server:
                 for index, (member, state) in enumerate(zip(pool.members, pool.balancer.targets, strict=True))
             ]
             protocol = "udp" if isinstance(stream, UDPStream) else "tcp"
-            out.append(RouteStatus(name, protocol, stream.describe().listen, None, targets))
+            route = self.config.routes.get(name)
+            match = route.match.describe() if route is not None and route.match is not None else None
+            out.append(RouteStatus(name, protocol, stream.describe().listen, match, targets))
         return out
 
     async def _retarget(self, name: str, route: RouteConfig, grace: float) -> None:

@@ -58,12 +58,7 @@ def route_options(config: Config, r: RouteConfig) -> str:
     """``key=value`` words, no spaces inside one, in the order a connection meets them."""
     words: list[str] = []
     if r.match is not None:
-        m = r.match
-        parts = [f"sni={'|'.join(m.sni)}"] if m.sni else []
-        parts += [f"alpn={'|'.join(m.alpn)}"] if m.alpn else []
-        parts += [f"http_host={'|'.join(m.http_host)}"] if m.http_host else []
-        parts += [f"protocol={m.protocol}"] if m.protocol else []
-        words.append(f"match={','.join(parts) or 'fallback'}")
+        words.append(f"match={r.match.describe()}")
     elif any(o is not r and o.match is not None and share_listener(o, r) for o in config.routes.values()):
         words.append("match=fallback")
     if any(o.match is not None and share_listener(o, r) for o in config.routes.values()):

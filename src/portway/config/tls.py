@@ -32,6 +32,14 @@ class MatchConfig(_Model):
     protocol: Literal["tls", "ssh", "http"] | None = None
     http_host: list[str] = Field(default_factory=list)
 
+    def describe(self) -> str:
+        """``sni=a|b,alpn=h2,protocol=tls``: for `portway check` and the status API."""
+        parts = [f"sni={'|'.join(self.sni)}"] if self.sni else []
+        parts += [f"alpn={'|'.join(self.alpn)}"] if self.alpn else []
+        parts += [f"http_host={'|'.join(self.http_host)}"] if self.http_host else []
+        parts += [f"protocol={self.protocol}"] if self.protocol else []
+        return ",".join(parts) or "fallback"
+
     @field_validator("sni", "alpn", "http_host", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
