@@ -40,17 +40,33 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def portway_bin() -> str:
-    return os.environ.get("PORTWAY_BIN") or str(HERE.parent / ".venv" / "bin" / "portway")
+def portway_bin(env: str = "PORTWAY_BIN") -> str:
+    return os.environ.get(env) or str(HERE.parent / ".venv" / "bin" / "portway")
 
 
-def _portway(workers: int | None) -> Callable[[Path, int], list[str]]:
+#: Port of the bench's admin listener in the ``portway-admin`` variant.
+ADMIN = 16090
+
+
+def _portway(
+    workers: int | None, variant: str = "", env: str = "PORTWAY_BIN"
+) -> Callable[[Path, int], list[str]]:
+    """portway's config; ``variant`` ``pool`` forwards TCP to a pool of three targets (three
+    ports of the same nginx for the HTTP scenarios), ``admin`` turns the admin listener and
+    metrics on: both must cost what the plain route costs, within noise."""
+
     def cmd(tmp: Path, dst: int) -> list[str]:
         head = f"workers: {workers}\n" if workers else ""
+        if variant == "admin":
+            head += f"admin:\n  listen: 127.0.0.1:{ADMIN}\n"
+        target = "host: 127.0.0.1"
+        if variant == "pool":
+            ports = (dst, dst + 1, dst + 2) if dst == HTTP else (dst,)
+            target = "targets:" + "".join(f"\n      - 127.0.0.1:{p}" for p in ports)
         cfg = f"""{head}routes:
   t:
     scheme: tcp4
-    host: 127.0.0.1
+    {target}
     bind: 127.0.0.1
     port: {PROXY_TCP}:{dst}
   u:
@@ -60,7 +76,7 @@ def _portway(workers: int | None) -> Callable[[Path, int], list[str]]:
     port: {PROXY_UDP}:{DNS}
 """
         return [
-            portway_bin(),
+            portway_bin(env),
             "serve",
             "-c",
             str(_write(tmp / "portway.yaml", cfg)),
@@ -128,11 +144,16 @@ def proxies(workers: int | None = None) -> dict[str, Proxy]:
     ``-tcp ADDR -udp ADDR -dst ADDR`` (the bench never builds or fetches it itself)."""
     table = {
         "portway": Proxy("portway", _portway(workers), udp=True),
+        "portway-pool": Proxy("portway-pool", _portway(workers, "pool"), udp=True),
+        "portway-admin": Proxy("portway-admin", _portway(workers, "admin"), udp=True),
         "haproxy": Proxy("haproxy", _haproxy, udp=False),
         "nginx": Proxy("nginx", _nginx, udp=True),
         # One process per connection: thousands of idle socat processes measure fork, not relaying.
         "socat": Proxy("socat", _socat, udp=False, idle_cap=500),
     }
+    if os.environ.get("PORTWAY_BIN_B"):
+        # A second build of portway in the same run (before/after a change): ratios from one run.
+        table["portway-b"] = Proxy("portway-b", _portway(workers, env="PORTWAY_BIN_B"), udp=True)
     go = os.environ.get("GOPROXY_BIN")
     if go:
         table["goproxy"] = Proxy("goproxy", _goproxy(go), udp=True, env={"GOMAXPROCS": "1"})
@@ -153,7 +174,8 @@ def start_backends(tmp: Path) -> list[subprocess.Popen[bytes]]:
 worker_rlimit_nofile 20000;
 events {{ worker_connections 16000; }}
 http {{ access_log off;
-  server {{ listen 127.0.0.1:{HTTP} backlog=4096; keepalive_requests 10000000;
+  server {{ listen 127.0.0.1:{HTTP} backlog=4096; listen 127.0.0.1:{HTTP + 1} backlog=4096;
+    listen 127.0.0.1:{HTTP + 2} backlog=4096; keepalive_requests 10000000;
     location / {{ return 200 "hello world\\n"; }} }} }}
 """
     procs = [
