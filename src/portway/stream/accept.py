@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from portway.loops import loop_name
+from portway.stream.epollset import epoll_set_for
 
 #: Takes ownership of an accepted, non-blocking socket and the peer address `accept` returned.
 SocketHandler = Callable[[socket.SocketType, Any], None]
@@ -196,5 +198,9 @@ def serve_tcp_sockets(
 
     Used on uvloop too: `create_server` would wrap every socket in a transport we do not want,
     and libuv's own EMFILE handling is replaced by the same back-off as on stock asyncio.
+    The engine's epoll set is created here, with the listener, so that its one descriptor is
+    part of the process's baseline rather than appearing with the first connection.
     """
+    with contextlib.suppress(OSError):  # connections fall back to the loop's own readers
+        epoll_set_for(loop)
     return _AsyncioAcceptor(loop, sock, None, fields, on_socket)

@@ -27,16 +27,18 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from portway.events import CloseReason, ConnectionRecord
 from portway.proxy_header import UNTRUSTED, HeaderOutcome, HeaderReader, HeaderRefused, relay_header
 from portway.stream.base import Address, addr_str
+from portway.stream.epollset import epoll_set_for
 from portway.stream.splice import CopyPump, SplicePump
 
 if TYPE_CHECKING:
@@ -45,9 +47,10 @@ if TYPE_CHECKING:
     from portway.events import Observer
     from portway.proxy_header import ProxyProtocolPolicy
     from portway.stream.base import Hook, HookContext
+    from portway.stream.epollset import EpollSet
     from portway.stream.pool import TargetPool
     from portway.stream.resolve import SockAddr
-    from portway.stream.splice import PipePool
+    from portway.stream.splice import PipePool, Readiness
 
 
 class TCPRoute(Protocol):
@@ -117,6 +120,7 @@ class SpliceConn:
         "holding",
         "idle",
         "initial",
+        "io",
         "last_moved",
         "local",
         "phase",
@@ -164,6 +168,12 @@ class SpliceConn:
         self.reader: HeaderReader | None = None
         self.local: Address | None = None
         self.phase = _ADMITTING
+        #: Where this connection's readiness callbacks live: the engine's own epoll set with the
+        #: splice pump (one epoll_ctl per socket instead of libuv's handle churn), else the loop.
+        self.io: Readiness = stream.loop
+        if stream.pipe_pool is not None:
+            with contextlib.suppress(OSError):  # no descriptor left for the set: the loop works
+                self.io = epoll_set_for(stream.loop) or stream.loop
         self.idle = 0
         self.last_moved = 0
         stream.conns.add(self)
@@ -205,7 +215,7 @@ class SpliceConn:
             step = policy.first_step(self.client[0])
             if step == "read":
                 self.reader = HeaderReader(policy)
-                stream.loop.add_reader(self.client_sock.fileno(), self._on_header_readable)
+                self.io.add_reader(self.client_sock.fileno(), self._on_header_readable)
                 self.timer = stream.loop.call_later(policy.header_timeout, self._header_expired)
                 return
             if step == "refuse":
@@ -247,7 +257,7 @@ class SpliceConn:
     def _stop_header(self) -> None:
         if self.reader is not None:
             self.reader = None
-            self.stream.loop.remove_reader(self.client_sock.fileno())
+            self.io.remove_reader(self.client_sock.fileno())
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -364,7 +374,7 @@ class SpliceConn:
                 self.target_sock = sock
                 self.target_addr = addr
                 try:
-                    self.stream.loop.add_writer(sock.fileno(), self._on_connected)
+                    self.io.add_writer(sock.fileno(), self._on_connected)
                 except (OSError, RuntimeError):
                     self.reason = "error"
                     self._close()
@@ -380,7 +390,8 @@ class SpliceConn:
         stream = self.stream
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            stream.loop.remove_writer(sock.fileno())
+            self.io.remove_writer(sock.fileno())
+            self._forget(sock)
             self.target_sock = None
             sock.close()
             self._try_next(OSError(err, os.strerror(err)))
@@ -400,14 +411,14 @@ class SpliceConn:
         initial = self.initial
         if initial is not None:
             self.initial = None
-            stream.loop.remove_writer(sock.fileno())
+            self.io.remove_writer(sock.fileno())
             self._send_initial(initial)
             return
         # Start the pump (which registers a reader on this fd) before removing our writer, so on
         # uvloop the descriptor's poll handle is kept instead of closed and opened again.
         self._start_pump(sock)
         if self.phase == _PUMPING:  # else _start_pump failed and has already cleaned up
-            stream.loop.remove_writer(sock.fileno())
+            self.io.remove_writer(sock.fileno())
 
     def _dial_expired(self) -> None:
         self.timer = None
@@ -438,7 +449,7 @@ class SpliceConn:
             # Rare: the target's receive window is smaller than a header plus a few bytes.
             self.initial = data[sent:]
             self.phase = _SENDING
-            self.stream.loop.add_writer(sock.fileno(), self._on_initial_writable)
+            self.io.add_writer(sock.fileno(), self._on_initial_writable)
             return
         self._start_pump(sock)
 
@@ -446,7 +457,7 @@ class SpliceConn:
         sock = self.target_sock
         if sock is None or self.phase != _SENDING:
             return
-        self.stream.loop.remove_writer(sock.fileno())
+        self.io.remove_writer(sock.fileno())
         data, self.initial = self.initial, None
         self._send_initial(data or b"")
 
@@ -457,7 +468,9 @@ class SpliceConn:
         stream = self.stream
         pump: SplicePump | CopyPump
         if stream.pipe_pool is not None:
-            pump = SplicePump(stream.loop, self.client_sock, target, self._pump_done, stream.pipe_pool)
+            pump = SplicePump(
+                stream.loop, self.client_sock, target, self._pump_done, stream.pipe_pool, io=self.io
+            )
         else:
             pump = CopyPump(stream.loop, self.client_sock, target, self._pump_done)
         pump.shutdown_last = False  # _close() follows at once and sends that FIN
@@ -468,7 +481,7 @@ class SpliceConn:
             # uvloop refuses a descriptor it still maps to a live transport: never leave one
             # side registered and the connection half open. The connect writer may still be
             # registered on the target (see _on_connected): drop it before the socket closes.
-            self.stream.loop.remove_writer(target.fileno())
+            self.io.remove_writer(target.fileno())
             self.reason = "error"
             self._close()
 
@@ -522,7 +535,7 @@ class SpliceConn:
         phase = self.phase
         self.phase = _CLOSED
         stream = self.stream
-        loop = stream.loop
+        io = self.io
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -531,7 +544,7 @@ class SpliceConn:
             task.cancel()
         if self.reader is not None:
             self.reader = None
-            loop.remove_reader(self.client_sock.fileno())
+            io.remove_reader(self.client_sock.fileno())
         target = self.target_sock
         pump = self.pump
         if stream.observer is not None:
@@ -546,12 +559,22 @@ class SpliceConn:
             pump.close()  # removes its own readers and writers; a no-op if it already finished
             self.pump = None
         elif target is not None and phase in (_DIALING, _SENDING):
-            loop.remove_writer(target.fileno())
+            io.remove_writer(target.fileno())
         self.target_sock = None
+        self._forget(self.client_sock)
         self.client_sock.close()
         if target is not None:
+            self._forget(target)
             target.close()
         stream.forget(self)
+
+    def _forget(self, sock: socket.SocketType) -> None:
+        """Drop a socket from the engine's epoll set before it is closed (see `EpollSet`)."""
+        io = self.io
+        if io is not self.stream.loop:
+            fd = sock.fileno()
+            if fd >= 0:
+                cast("EpollSet", io).forget(fd)
 
     def _report(self, pump: SplicePump | CopyPump | None) -> None:
         stream = self.stream
