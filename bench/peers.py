@@ -19,8 +19,10 @@ from pathlib import Path
 from procs import LOAD_CPU, PROXY_CPU, spawn, stop, wait_tcp
 
 HERE = Path(__file__).resolve().parent
-IPERF, HTTP, DNS, ECHO = 15201, 15280, 15353, 15400
-PROXY_TCP, PROXY_UDP = 16000, 16053
+#: BENCH_PORT_OFFSET moves every port, so two benches can run on one machine at once.
+_OFF = int(os.environ.get("BENCH_PORT_OFFSET", "0"))
+IPERF, HTTP, DNS, ECHO = 15201 + _OFF, 15280 + _OFF, 15353 + _OFF, 15400 + _OFF
+PROXY_TCP, PROXY_UDP = 16000 + _OFF, 16053 + _OFF
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 
@@ -45,7 +47,7 @@ def portway_bin(env: str = "PORTWAY_BIN") -> str:
 
 
 #: Port of the bench's admin listener in the ``portway-admin`` variant.
-ADMIN = 16090
+ADMIN = 16090 + _OFF
 
 
 def _portway(
@@ -161,8 +163,11 @@ def proxies(workers: int | None = None) -> dict[str, Proxy]:
 
 
 def start_proxy(proxy: Proxy, tmp: Path, dst: int) -> subprocess.Popen[bytes]:
+    if wait_tcp(PROXY_TCP, timeout=0.01):
+        # Another bench on this machine: its proxy would be measured instead of ours.
+        raise RuntimeError(f"port {PROXY_TCP} is taken already: set BENCH_PORT_OFFSET")
     p = spawn(proxy.command(tmp, dst), PROXY_CPU, env=proxy.env)
-    if not wait_tcp(PROXY_TCP, timeout=20):
+    if not wait_tcp(PROXY_TCP, timeout=20) or p.poll() is not None:
         stop(p)
         raise RuntimeError(f"{proxy.name} did not listen on {PROXY_TCP} (is it installed?)")
     return p

@@ -33,12 +33,12 @@ import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 from portway.events import CloseReason, ConnectionRecord
 from portway.proxy_header import UNTRUSTED, HeaderOutcome, HeaderReader, HeaderRefused, relay_header
 from portway.stream.base import Address, addr_str
-from portway.stream.epollset import epoll_set_for
+from portway.stream.epollset import EPOLL_FAILED, EpollSet, epoll_set_for
 from portway.stream.splice import CopyPump, SplicePump
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     from portway.events import Observer
     from portway.proxy_header import ProxyProtocolPolicy
     from portway.stream.base import Hook, HookContext
-    from portway.stream.epollset import EpollSet
     from portway.stream.pool import TargetPool
     from portway.stream.resolve import SockAddr
     from portway.stream.splice import PipePool, Readiness
@@ -388,7 +387,14 @@ class SpliceConn:
         if sock is None or self.phase != _DIALING:
             return
         stream = self.stream
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        io = self.io
+        if isinstance(io, EpollSet) and not io.ready_events & EPOLL_FAILED:
+            err = 0  # writable and no error: connected (a failed connect always sets EPOLLERR)
+        else:
+            try:
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError as exc:
+                err = exc.errno or errno.EIO
         if err:
             self.io.remove_writer(sock.fileno())
             self._forget(sock)
@@ -571,10 +577,10 @@ class SpliceConn:
     def _forget(self, sock: socket.SocketType) -> None:
         """Drop a socket from the engine's epoll set before it is closed (see `EpollSet`)."""
         io = self.io
-        if io is not self.stream.loop:
+        if isinstance(io, EpollSet):
             fd = sock.fileno()
             if fd >= 0:
-                cast("EpollSet", io).forget(fd)
+                io.forget(fd)
 
     def _report(self, pump: SplicePump | CopyPump | None) -> None:
         stream = self.stream
