@@ -9,6 +9,7 @@ callback even if its number is reused at once.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
 import pytest
@@ -136,4 +137,26 @@ async def test_descriptor_forgotten_in_a_batch_gets_no_stale_callback() -> None:
     finally:
         es.close()
         for s in (a1, b1, a2, b2):
+            s.close()
+
+
+async def test_a_number_closed_without_forget_and_reused_still_works() -> None:
+    """A bug elsewhere (a close without `forget`) must not break the next socket that gets the
+    same number: the kernel dropped the old registration, so MOD fails and ADD is used."""
+    es = epoll_set_for(asyncio.get_running_loop())
+    assert es is not None
+    a, b = pair()
+    c, d = pair()
+    number = a.fileno()
+    fired = asyncio.Event()
+    try:
+        es.add_reader(number, lambda: None)
+        a.close()  # no forget
+        os.dup2(c.fileno(), number)  # a new socket under the old number
+        es.add_writer(number, lambda: (es.remove_writer(number), fired.set()))
+        await fired.wait()
+    finally:
+        es.forget(number)
+        os.close(number)
+        for s in (b, c, d):
             s.close()

@@ -40,7 +40,7 @@ _BATCH = 64
 #: The raw-socket engine takes one connection per readiness event, as nginx does by default:
 #: the listener is level-triggered, so a connection still queued is reported by the loop's
 #: next poll, which it makes anyway, instead of by an accept4 that fails with EAGAIN. Measured:
-#: one failing syscall less per connection and less CPU per connection (bench/README.md).
+#: one failing syscall less per connection, CPU per connection unchanged (bench/README.md).
 _RAW_BATCH = 1
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 1.0

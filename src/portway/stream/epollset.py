@@ -169,7 +169,10 @@ class EpollSet:
                 ep.modify(fd, want)
             w.armed = want
         else:
-            ep.modify(fd, want)
+            try:
+                ep.modify(fd, want)
+            except FileNotFoundError:  # closed without `forget` and the number reused: re-add
+                ep.register(fd, want)
             w.armed = want
 
     def _flush(self) -> None:
