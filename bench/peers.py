@@ -19,8 +19,10 @@ from pathlib import Path
 from procs import LOAD_CPU, PROXY_CPU, spawn, stop, wait_tcp
 
 HERE = Path(__file__).resolve().parent
-IPERF, HTTP, DNS, ECHO, HTTPS = 15201, 15280, 15353, 15400, 15443
-PROXY_TCP, PROXY_UDP = 16000, 16053
+#: BENCH_PORT_OFFSET moves every port, so two benches can run on one machine at once.
+_OFF = int(os.environ.get("BENCH_PORT_OFFSET", "0"))
+IPERF, HTTP, DNS, ECHO, HTTPS = 15201 + _OFF, 15280 + _OFF, 15353 + _OFF, 15400 + _OFF, 15443 + _OFF
+PROXY_TCP, PROXY_UDP = 16000 + _OFF, 16053 + _OFF
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 
@@ -40,19 +42,34 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def portway_bin() -> str:
-    return os.environ.get("PORTWAY_BIN") or str(HERE.parent / ".venv" / "bin" / "portway")
+def portway_bin(env: str = "PORTWAY_BIN") -> str:
+    return os.environ.get(env) or str(HERE.parent / ".venv" / "bin" / "portway")
 
 
-def _portway(workers: int | None, sni: bool = False) -> Callable[[Path, int], list[str]]:
-    """`sni`: the TCP route sits on a shared listener, chosen by SNI (``localhost``, what wrk
-    sends for https://localhost/), beside a fallback route to the same backend that takes
-    everything else (plain HTTP included): every connection pays the peek."""
+#: Port of the bench's admin listener in the ``portway-admin`` variant.
+ADMIN = 16090 + _OFF
+
+
+def _portway(
+    workers: int | None, variant: str = "", env: str = "PORTWAY_BIN"
+) -> Callable[[Path, int], list[str]]:
+    """portway's config; ``variant`` ``pool`` forwards TCP to a pool of three targets (three
+    ports of the same nginx for the HTTP scenarios), ``admin`` turns the admin listener and
+    metrics on: both must cost what the plain route costs, within noise. ``sni``: the TCP route
+    sits on a shared listener, chosen by SNI (``localhost``, what wrk sends for
+    https://localhost/), beside a fallback route to the same backend that takes everything else
+    (plain HTTP included): every connection pays the peek."""
 
     def cmd(tmp: Path, dst: int) -> list[str]:
         head = f"workers: {workers}\n" if workers else ""
+        if variant == "admin":
+            head += f"admin:\n  listen: 127.0.0.1:{ADMIN}\n"
+        target = "host: 127.0.0.1"
+        if variant == "pool":
+            ports = (dst, dst + 1, dst + 2) if dst == HTTP else (dst,)
+            target = "targets:" + "".join(f"\n      - 127.0.0.1:{p}" for p in ports)
         shared = ""
-        if sni:
+        if variant == "sni":
             shared = f"""    match: {{sni: [localhost]}}
   fallback:
     scheme: tcp4
@@ -63,7 +80,7 @@ def _portway(workers: int | None, sni: bool = False) -> Callable[[Path, int], li
         cfg = f"""{head}routes:
   t:
     scheme: tcp4
-    host: 127.0.0.1
+    {target}
     bind: 127.0.0.1
     port: {PROXY_TCP}:{dst}
 {shared}  u:
@@ -73,7 +90,7 @@ def _portway(workers: int | None, sni: bool = False) -> Callable[[Path, int], li
     port: {PROXY_UDP}:{DNS}
 """
         return [
-            portway_bin(),
+            portway_bin(env),
             "serve",
             "-c",
             str(_write(tmp / "portway.yaml", cfg)),
@@ -142,12 +159,17 @@ def proxies(workers: int | None = None) -> dict[str, Proxy]:
     table = {
         "portway": Proxy("portway", _portway(workers), udp=True),
         # The same route behind a shared listener that routes by SNI (docs/shared-ports.md).
-        "portway-sni": Proxy("portway-sni", _portway(workers, sni=True), udp=True),
+        "portway-sni": Proxy("portway-sni", _portway(workers, "sni"), udp=True),
+        "portway-pool": Proxy("portway-pool", _portway(workers, "pool"), udp=True),
+        "portway-admin": Proxy("portway-admin", _portway(workers, "admin"), udp=True),
         "haproxy": Proxy("haproxy", _haproxy, udp=False),
         "nginx": Proxy("nginx", _nginx, udp=True),
         # One process per connection: thousands of idle socat processes measure fork, not relaying.
         "socat": Proxy("socat", _socat, udp=False, idle_cap=500),
     }
+    if os.environ.get("PORTWAY_BIN_B"):
+        # A second build of portway in the same run (before/after a change): ratios from one run.
+        table["portway-b"] = Proxy("portway-b", _portway(workers, env="PORTWAY_BIN_B"), udp=True)
     go = os.environ.get("GOPROXY_BIN")
     if go:
         table["goproxy"] = Proxy("goproxy", _goproxy(go), udp=True, env={"GOMAXPROCS": "1"})
@@ -155,8 +177,11 @@ def proxies(workers: int | None = None) -> dict[str, Proxy]:
 
 
 def start_proxy(proxy: Proxy, tmp: Path, dst: int) -> subprocess.Popen[bytes]:
+    if wait_tcp(PROXY_TCP, timeout=0.01):
+        # Another bench on this machine: its proxy would be measured instead of ours.
+        raise RuntimeError(f"port {PROXY_TCP} is taken already: set BENCH_PORT_OFFSET")
     p = spawn(proxy.command(tmp, dst), PROXY_CPU, env=proxy.env)
-    if not wait_tcp(PROXY_TCP, timeout=20):
+    if not wait_tcp(PROXY_TCP, timeout=20) or p.poll() is not None:
         stop(p)
         raise RuntimeError(f"{proxy.name} did not listen on {PROXY_TCP} (is it installed?)")
     return p
@@ -174,7 +199,8 @@ def start_backends(tmp: Path) -> list[subprocess.Popen[bytes]]:
 worker_rlimit_nofile 20000;
 events {{ worker_connections 16000; }}
 http {{ access_log off;
-  server {{ listen 127.0.0.1:{HTTP} backlog=4096; keepalive_requests 10000000;
+  server {{ listen 127.0.0.1:{HTTP} backlog=4096; listen 127.0.0.1:{HTTP + 1} backlog=4096;
+    listen 127.0.0.1:{HTTP + 2} backlog=4096; keepalive_requests 10000000;
     location / {{ return 200 "hello world\\n"; }} }}
   server {{ listen 127.0.0.1:{HTTPS} ssl backlog=4096; ssl_certificate {cert}; ssl_certificate_key {key};
     ssl_session_tickets off; ssl_session_cache off;

@@ -44,6 +44,8 @@ COLUMNS: list[tuple[str, str, str, bool]] = [
     ("udp32", "cpu_s_per_1m_q", "CPU-s/1M q (32)", False),
     ("udp1000", "qps", "UDP qps (1000)", True),
     ("udp1000", "cpu_s_per_1m_q", "CPU-s/1M q (1000)", False),
+    ("syscalls", "syscalls_per_conn", "syscalls/conn", False),
+    ("syscalls", "failed_per_conn", "failed syscalls/conn", False),
     ("idle", "rss_kib_per_conn", "idle KiB/conn", False),
     ("idle", "pss_kib_per_conn", "idle PSS KiB/conn", False),
     ("idle", "fds_per_conn", "idle fds/conn", False),
@@ -99,8 +101,7 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
         peer_values = [
             r[scen][fig]
             for name, r in results.items()
-            if not name.startswith("portway")
-            and name != "direct"
+            if not name.startswith(("portway", "direct"))
             and isinstance(r.get(scen, {}).get(fig), int | float)
         ]
         if not peer_values:

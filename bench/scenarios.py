@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from peers import DNS, ECHO, HTTP, HTTPS, IPERF, PROXY_TCP, PROXY_UDP
-from procs import LOAD_CPU, pinned, tree_memory
+from procs import LOAD_CPU, pinned, tree_memory, tree_pids
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,7 +34,12 @@ SCENARIOS: dict[str, tuple[int, bool]] = {
     "udp32": (DNS, True),
     "udp1000": (DNS, True),
     "idle": (ECHO, False),
+    "syscalls": (HTTP, False),
 }
+#: Connections the ``syscalls`` scenario makes under strace (a count, not a duration: the
+#: figures are per connection and deterministic, unlike anything timed under strace).
+SYSCALL_CONNS = 2000
+_STRACE_ROW = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(\d+)?\s*(\w+)\s*$")
 
 
 def _run(cmd: list[str], timeout: float) -> str:
@@ -147,6 +155,51 @@ def idle(port: int, proxy_pid: int, n: int) -> dict[str, Any]:
     }
 
 
+def syscalls(port: int, proxy_pid: int, tmp: Path, n: int = SYSCALL_CONNS) -> dict[str, Any]:
+    """System calls the proxy makes per short connection: ``strace -c -f`` on its whole process
+    tree while ``n`` sequential HTTP/1.0 requests with ``Connection: close`` go through it."""
+    if shutil.which("strace") is None:
+        return {"skipped": "strace is not installed"}
+    out = tmp / "strace.txt"
+    attach = [a for pid in tree_pids(proxy_pid) for a in ("-p", str(pid))]
+    tracer = subprocess.Popen(
+        ["strace", "-c", "-f", "-q", "-o", str(out), *attach], stderr=subprocess.DEVNULL
+    )
+    time.sleep(1.0)  # attaching is asynchronous; nothing here is timed
+    request = b"GET / HTTP/1.0\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    done = 0
+    for _ in range(n):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(request)
+                while s.recv(65536):
+                    pass
+            done += 1
+        except OSError:
+            pass
+    time.sleep(0.5)  # let the proxy finish closing the last connection
+    tracer.send_signal(signal.SIGINT)
+    tracer.wait(timeout=30)
+    calls: dict[str, int] = {}
+    failed = 0
+    for line in out.read_text().splitlines():
+        m = _STRACE_ROW.match(line)
+        if m and m.group(3) != "total":
+            calls[m.group(3)] = int(m.group(1))
+            failed += int(m.group(2) or 0)
+    if not done:
+        return {"skipped": "no connection got through"}
+    r: dict[str, Any] = {
+        "conns": done,
+        "syscalls_per_conn": round(sum(calls.values()) / done, 2),
+        "failed_per_conn": round(failed / done, 2),
+    }
+    for name, count in sorted(calls.items(), key=lambda kv: -kv[1]):
+        if count / done >= 0.01:
+            r[f"n_{name}"] = round(count / done, 2)
+    return r
+
+
 def run(scenario: str, secs: float, tmp: Path, proxy_pid: int | None, idle_n: int) -> dict[str, Any]:
     """Run one scenario against the proxy (or straight at the backend when ``proxy_pid`` is None)."""
     direct = proxy_pid is None
@@ -161,6 +214,10 @@ def run(scenario: str, secs: float, tmp: Path, proxy_pid: int | None, idle_n: in
     if scenario == "idle":
         assert proxy_pid is not None
         return idle(tcp, proxy_pid, idle_n)
+    if scenario == "syscalls":
+        if proxy_pid is None:
+            return {"skipped": "no proxy to trace"}
+        return syscalls(tcp, proxy_pid, tmp)
     raise ValueError(f"unknown scenario {scenario!r}")
 
 

@@ -39,7 +39,7 @@ import os
 import socket
 import weakref
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final, Protocol
 
 __all__ = [
     "HAVE_SPLICE",
@@ -47,6 +47,7 @@ __all__ = [
     "Pipe",
     "PipePool",
     "PumpDone",
+    "Readiness",
     "SplicePump",
     "pipe_pool_for",
     "relay",
@@ -78,6 +79,16 @@ except ImportError:  # pragma: no cover - non-Unix
     _F_SETPIPE_SZ = None
 
 Pipe = tuple[int, int]
+
+
+class Readiness(Protocol):
+    """Where a pump registers its readiness callbacks: the event loop itself, or the raw-socket
+    engine's own epoll set (`portway.stream.epollset`), which costs fewer syscalls per socket."""
+
+    def add_reader(self, fd: int, callback: Callable[..., object], *args: Any) -> None: ...
+    def add_writer(self, fd: int, callback: Callable[..., object], *args: Any) -> None: ...
+    def remove_reader(self, fd: int) -> bool: ...
+    def remove_writer(self, fd: int) -> bool: ...
 
 
 class PipePool:
@@ -171,7 +182,7 @@ class _PumpBase:
     __slots__ = ("_chunk", "_closed", "_dirs", "_done", "_loop", "failed_side", "shutdown_last")
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, a: socket.SocketType, b: socket.SocketType, on_done: PumpDone
+        self, loop: Readiness, a: socket.SocketType, b: socket.SocketType, on_done: PumpDone
     ) -> None:
         self._loop = loop
         self._done = on_done
@@ -327,8 +338,10 @@ class SplicePump(_PumpBase):
         b: socket.SocketType,
         on_done: PumpDone,
         pool: PipePool | None = None,
+        io: Readiness | None = None,
     ) -> None:
-        super().__init__(loop, a, b, on_done)
+        # `io`: register callbacks there instead of on the loop (see `Readiness`).
+        super().__init__(loop if io is None else io, a, b, on_done)
         self._pool = pool if pool is not None else pipe_pool_for(loop)
         self._chunk = self._pool.pipe_size or 65536
 

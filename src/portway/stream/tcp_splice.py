@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from portway.events import CloseReason, ConnectionRecord
 from portway.proxy_header import UNTRUSTED, HeaderOutcome, HeaderReader, HeaderRefused, relay_header
 from portway.stream.base import Address, addr_str
+from portway.stream.epollset import EPOLL_FAILED, EpollSet, epoll_set_for
 from portway.stream.splice import CopyPump, SplicePump
 
 if TYPE_CHECKING:
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
     from portway.stream.base import Hook
     from portway.stream.pool import TargetPool
     from portway.stream.resolve import SockAddr
-    from portway.stream.splice import PipePool
+    from portway.stream.splice import PipePool, Readiness
 
 
 class TCPRoute(Protocol):
@@ -117,6 +119,7 @@ class SpliceConn:
         "holding",
         "idle",
         "initial",
+        "io",
         "last_moved",
         "local",
         "phase",
@@ -164,6 +167,12 @@ class SpliceConn:
         self.reader: HeaderReader | None = None
         self.local: Address | None = None
         self.phase = _ADMITTING
+        #: Where this connection's readiness callbacks live: the engine's own epoll set with the
+        #: splice pump (one epoll_ctl per socket instead of libuv's handle churn), else the loop.
+        self.io: Readiness = stream.loop
+        if stream.pipe_pool is not None:
+            with contextlib.suppress(OSError):  # no descriptor left for the set: the loop works
+                self.io = epoll_set_for(stream.loop) or stream.loop
         self.idle = 0
         self.last_moved = 0
         stream.conns.add(self)
@@ -205,7 +214,7 @@ class SpliceConn:
             step = policy.first_step(self.client[0])
             if step == "read":
                 self.reader = HeaderReader(policy)
-                stream.loop.add_reader(self.client_sock.fileno(), self._on_header_readable)
+                self.io.add_reader(self.client_sock.fileno(), self._on_header_readable)
                 self.timer = stream.loop.call_later(policy.header_timeout, self._header_expired)
                 return
             if step == "refuse":
@@ -262,7 +271,7 @@ class SpliceConn:
     def _stop_header(self) -> None:
         if self.reader is not None:
             self.reader = None
-            self.stream.loop.remove_reader(self.client_sock.fileno())
+            self.io.remove_reader(self.client_sock.fileno())
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -366,7 +375,7 @@ class SpliceConn:
                 self.target_sock = sock
                 self.target_addr = addr
                 try:
-                    self.stream.loop.add_writer(sock.fileno(), self._on_connected)
+                    self.io.add_writer(sock.fileno(), self._on_connected)
                 except (OSError, RuntimeError):
                     self.reason = "error"
                     self._close()
@@ -380,9 +389,17 @@ class SpliceConn:
         if sock is None or self.phase != _DIALING:
             return
         stream = self.stream
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        io = self.io
+        if isinstance(io, EpollSet) and not io.ready_events & EPOLL_FAILED:
+            err = 0  # writable and no error: connected (a failed connect always sets EPOLLERR)
+        else:
+            try:
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError as exc:
+                err = exc.errno or errno.EIO
         if err:
-            stream.loop.remove_writer(sock.fileno())
+            self.io.remove_writer(sock.fileno())
+            self._forget(sock)
             self.target_sock = None
             sock.close()
             self._try_next(OSError(err, os.strerror(err)))
@@ -402,14 +419,14 @@ class SpliceConn:
         initial = self.initial
         if initial is not None:
             self.initial = None
-            stream.loop.remove_writer(sock.fileno())
+            self.io.remove_writer(sock.fileno())
             self._send_initial(initial)
             return
         # Start the pump (which registers a reader on this fd) before removing our writer, so on
         # uvloop the descriptor's poll handle is kept instead of closed and opened again.
         self._start_pump(sock)
         if self.phase == _PUMPING:  # else _start_pump failed and has already cleaned up
-            stream.loop.remove_writer(sock.fileno())
+            self.io.remove_writer(sock.fileno())
 
     def _dial_expired(self) -> None:
         self.timer = None
@@ -440,7 +457,7 @@ class SpliceConn:
             # Rare: the target's receive window is smaller than a header plus a few bytes.
             self.initial = data[sent:]
             self.phase = _SENDING
-            self.stream.loop.add_writer(sock.fileno(), self._on_initial_writable)
+            self.io.add_writer(sock.fileno(), self._on_initial_writable)
             return
         self._start_pump(sock)
 
@@ -448,7 +465,7 @@ class SpliceConn:
         sock = self.target_sock
         if sock is None or self.phase != _SENDING:
             return
-        self.stream.loop.remove_writer(sock.fileno())
+        self.io.remove_writer(sock.fileno())
         data, self.initial = self.initial, None
         self._send_initial(data or b"")
 
@@ -459,7 +476,9 @@ class SpliceConn:
         stream = self.stream
         pump: SplicePump | CopyPump
         if stream.pipe_pool is not None:
-            pump = SplicePump(stream.loop, self.client_sock, target, self._pump_done, stream.pipe_pool)
+            pump = SplicePump(
+                stream.loop, self.client_sock, target, self._pump_done, stream.pipe_pool, io=self.io
+            )
         else:
             pump = CopyPump(stream.loop, self.client_sock, target, self._pump_done)
         pump.shutdown_last = False  # _close() follows at once and sends that FIN
@@ -470,7 +489,7 @@ class SpliceConn:
             # uvloop refuses a descriptor it still maps to a live transport: never leave one
             # side registered and the connection half open. The connect writer may still be
             # registered on the target (see _on_connected): drop it before the socket closes.
-            self.stream.loop.remove_writer(target.fileno())
+            self.io.remove_writer(target.fileno())
             self.reason = "error"
             self._close()
 
@@ -524,7 +543,7 @@ class SpliceConn:
         phase = self.phase
         self.phase = _CLOSED
         stream = self.stream
-        loop = stream.loop
+        io = self.io
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -533,7 +552,7 @@ class SpliceConn:
             task.cancel()
         if self.reader is not None:
             self.reader = None
-            loop.remove_reader(self.client_sock.fileno())
+            io.remove_reader(self.client_sock.fileno())
         target = self.target_sock
         pump = self.pump
         if stream.observer is not None:
@@ -548,12 +567,22 @@ class SpliceConn:
             pump.close()  # removes its own readers and writers; a no-op if it already finished
             self.pump = None
         elif target is not None and phase in (_DIALING, _SENDING):
-            loop.remove_writer(target.fileno())
+            io.remove_writer(target.fileno())
         self.target_sock = None
+        self._forget(self.client_sock)
         self.client_sock.close()
         if target is not None:
+            self._forget(target)
             target.close()
         stream.forget(self)
+
+    def _forget(self, sock: socket.SocketType) -> None:
+        """Drop a socket from the engine's epoll set before it is closed (see `EpollSet`)."""
+        io = self.io
+        if isinstance(io, EpollSet):
+            fd = sock.fileno()
+            if fd >= 0:
+                io.forget(fd)
 
     def _report(self, pump: SplicePump | CopyPump | None) -> None:
         stream = self.stream
