@@ -398,23 +398,54 @@ async def test_a_reload_while_a_dial_is_in_flight_still_ends_that_dial_cleanly(
     members = [member(pool[0].port), member(pool[1].port), member(hole.port)]
     try:
         with caplog.at_level(logging.ERROR):
-            async with running(pool_yaml(*members, route="connect_timeout: 300ms")) as server:
+            async with running(pool_yaml(*members, route="connect_timeout: 900ms")) as server:
                 addr = listen_addr(server)
                 assert [await greeted_by(addr) for _ in range(2)] == ["a", "b"]
                 # The third client's dial goes to the black hole (the pool's third target)...
-                pending = asyncio.create_task(refused(addr, timeout=3.0))
+                pending = asyncio.create_task(open_greeted(addr, timeout=3.0))
                 stream = server.streams["pool"]
                 assert isinstance(stream, TCPStream)
                 await wait_until(lambda: any(_dialing(c) == 2 for c in stream.conns))
                 # ...when a reload removes a: the black hole is now second of two.
-                new = pool_yaml(*members[1:], route="connect_timeout: 300ms")
+                new = pool_yaml(*members[1:], route="connect_timeout: 900ms")
                 assert await server.apply(load_config_text(new, "reload.yml")) == {}
-                # The dial still times out and closes its client, on time.
-                assert await pending
-                assert not stream.conns
+                # The dial to the black hole times out after its share of the connect timeout and
+                # fails over to b, which is still in the pool: the client is served, on time.
+                sock, name = await pending
+                sock.close()
+                assert name == "b"
                 assert server.pools["pool"].member_state(1).spec.key.endswith(f":{hole.port}")
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
         assert not errors
+    finally:
+        hole.close()
+        await stop_all(pool)
+
+
+async def test_a_target_that_drops_syns_costs_its_share_of_the_timeout_then_fails_over(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """connect_timeout bounds the whole dial; each target gets an equal share (up to three), so a
+    black-holed target does not cost the client the whole timeout: it fails over after 400 ms."""
+    pool = await targets("a")
+    hole = Blackhole()
+    try:
+        members = [member(hole.port), member(pool[0].port)]
+        async with running(
+            pool_yaml(*members, route="connect_timeout: 800ms\nload_balance: {mode: first}")
+        ) as server:
+            addr = listen_addr(server)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert await greeted_by(addr) == "a"
+            took = loop.time() - started
+            assert 0.35 < took < 0.8, took  # the hole's share (400 ms), then a at once
+            # A pool of one black hole waits out the whole timeout, then gives up.
+        async with running(pool_yaml(member(hole.port), route="connect_timeout: 300ms")) as server:
+            addr = listen_addr(server)
+            started = loop.time()
+            assert await refused(addr, timeout=3.0)
+            assert loop.time() - started >= 0.29
     finally:
         hole.close()
         await stop_all(pool)

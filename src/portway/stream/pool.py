@@ -227,6 +227,17 @@ class TargetPool:
                 )
         return choice
 
+    def attempt_timeout(self, connect_timeout: float) -> float:
+        """How long one target may take to answer a dial before the next one is tried.
+
+        The route's `connect_timeout` bounds the whole dial, failover included; each of up to
+        three targets gets an equal share of it, so a target that drops SYNs costs a client
+        part of the budget, not all of it (HAProxy's per-try `timeout connect` with redispatch,
+        but never longer in total than the route says). A pool of one gets it all."""
+        if len(self.members) == 1:
+            return connect_timeout
+        return connect_timeout / min(len(self.members), 3)
+
     def addresses(self, index: int) -> list[SockAddr]:
         """Target `index`'s addresses: a snapshot (re-resolving replaces the list, never edits it)."""
         return self.resolvers[index].addresses

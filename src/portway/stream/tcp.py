@@ -766,14 +766,16 @@ class TCPStream(Endpoint):
     target_protocol = _Target
 
     async def dial(self, protocol: _Target, conn: _Client) -> asyncio.Transport:
-        """Connect to a target the pool picks, failing over to the next healthy one, all within
-        the connect timeout; `conn.member` says which one answered."""
+        """Connect to a target the pool picks, failing over to the next healthy one (refused,
+        unreachable, or slower than its share of the connect timeout), all within the connect
+        timeout; `conn.member` says which one answered."""
         pool = self.pool
         client = conn.client[0]
         tried: list[int] = []
         last: BaseException | None = None
         observer = self.observer
         started = self.loop.time() if observer is not None else 0.0
+        budget = pool.attempt_timeout(self.connect_timeout)
         # The state of the member being dialed: it stays right when a reload moves the index.
         dialing: TargetState | None = None
         try:
@@ -781,20 +783,19 @@ class TCPStream(Endpoint):
                 while (index := pool.pick(client, tried)) is not None:
                     conn.member = index
                     dialing = pool.member_state(index)
-                    addresses = pool.addresses(index)
-                    for position, addr in enumerate(addresses):
-                        try:
-                            transport, _ = await self._connect(addr, protocol, pool.members[index].host)
-                        except OSError as exc:
-                            last = exc
-                            if exc.errno in _FD_EXHAUSTED:
-                                raise
-                            continue
-                        pool.dial_succeeded(dialing, addr if position else None)
-                        conn.holding = pool.acquired(dialing)
-                        if observer is not None:
-                            observer.dialed(self.name, dialing.spec.key, self.loop.time() - started)
-                        return transport
+                    try:
+                        async with asyncio.timeout(budget):
+                            transport, position, last = await self._dial_member(index, protocol)
+                    except TimeoutError:
+                        last = TimeoutError()  # this target is slow: try the next one
+                    else:
+                        if transport is not None:
+                            addr = pool.addresses(index)[position] if position else None
+                            pool.dial_succeeded(dialing, addr)
+                            conn.holding = pool.acquired(dialing)
+                            if observer is not None:
+                                observer.dialed(self.name, dialing.spec.key, self.loop.time() - started)
+                            return transport
                     pool.dial_failed(dialing)
                     dialing = None
                     tried.append(index)
@@ -805,6 +806,24 @@ class TCPStream(Endpoint):
         if last is None:
             raise NoTarget
         raise last
+
+    async def _dial_member(
+        self, index: int, protocol: _Target
+    ) -> tuple[asyncio.Transport | None, int, BaseException | None]:
+        """Try each address of pool member `index`: (transport, which address, None), or
+        (None, 0, the last error). Running out of descriptors is raised: no target helps."""
+        pool = self.pool
+        last: BaseException | None = None
+        for position, addr in enumerate(pool.addresses(index)):
+            try:
+                transport, _ = await self._connect(addr, protocol, pool.members[index].host)
+            except OSError as exc:
+                if exc.errno in _FD_EXHAUSTED:
+                    raise
+                last = exc
+                continue
+            return transport, position, None
+        return None, 0, last
 
     async def _connect(
         self, addr: SockAddr, protocol: _Target, name: str = ""

@@ -96,6 +96,9 @@ _SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
 _NONBLOCK_STREAM = socket.SOCK_STREAM | _SOCK_NONBLOCK
 _CONNECT_PENDING = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EALREADY)
 
+#: Less time than this left of the connect timeout is none: fail rather than start a dial.
+_TIME_LEFT = 0.001
+
 # Phases; numbers so that "still before the pump" is one comparison.
 _ADMITTING = 0
 _DIALING = 1
@@ -113,6 +116,7 @@ class SpliceConn:
         "client",
         "client_sock",
         "counted",
+        "deadline",
         "dial_task",
         "dialed_at",
         "dialing",
@@ -149,6 +153,8 @@ class SpliceConn:
         self.tried: list[int] | None = None
         #: The state of the member being dialed: it stays right when a reload moves the index.
         self.dialing: TargetState | None = None
+        #: When the whole dial (failover included) must be done, for pools of more than one.
+        self.deadline = 0.0
         #: Holds a place in the target's active count / the per-client limit until closed.
         self.counted = False
         #: The target's state while this connection counts as one of its active ones.
@@ -317,8 +323,20 @@ class SpliceConn:
         self.phase = _DIALING
         if stream.observer is not None:
             self.dialed_at = stream.loop.time()
-        self.timer = stream.loop.call_later(stream.connect_timeout, self._dial_expired)
+        if stream.pool.trivial:  # one target: its dial gets the whole connect timeout
+            self.timer = stream.loop.call_later(stream.connect_timeout, self._dial_expired)
+        else:
+            self.deadline = stream.loop.time() + stream.connect_timeout
         self._next_target(None)
+
+    def _arm(self) -> None:
+        """Time the dial of the target just picked: its share of what is left of the timeout."""
+        stream = self.stream
+        loop = stream.loop
+        if self.timer is not None:
+            self.timer.cancel()
+        share = stream.pool.attempt_timeout(stream.connect_timeout)
+        self.timer = loop.call_later(min(share, max(0.0, self.deadline - loop.time())), self._dial_expired)
 
     def _next_target(self, last: OSError | None) -> None:
         """Ask the pool for a target not tried yet and dial it, or give up with the last error."""
@@ -335,6 +353,8 @@ class SpliceConn:
         self.dialing = pool.member_state(index)
         self.addrs = pool.addresses(index)
         self.addr_index = 0
+        if not pool.trivial:
+            self._arm()
         self._try_next(last)
 
     def _target_failed(self, last: OSError) -> None:
@@ -430,10 +450,28 @@ class SpliceConn:
 
     def _dial_expired(self) -> None:
         self.timer = None
-        if self.phase == _DIALING:
-            if self.dialing is not None:
-                self.stream.pool.dial_failed(self.dialing)
+        if self.phase != _DIALING:
+            return
+        stream = self.stream
+        if self.dialing is not None:
+            stream.pool.dial_failed(self.dialing)
+        if stream.pool.trivial or stream.loop.time() >= self.deadline - _TIME_LEFT:
             self._dial_failed(TimeoutError())
+            return
+        # This target is slow (a SYN dropped somewhere): give up on it and fail over within
+        # what is left of the connect timeout.
+        sock = self.target_sock
+        if sock is not None:
+            self.target_sock = None
+            self.io.remove_writer(sock.fileno())
+            self._forget(sock)
+            sock.close()
+        self.dialing = None
+        if self.tried is None:
+            self.tried = [self.target]
+        else:
+            self.tried.append(self.target)
+        self._next_target(TimeoutError())
 
     def _dial_failed(self, exc: BaseException) -> None:
         self.stream.dial_failed(self.client, exc)
