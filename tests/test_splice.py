@@ -82,8 +82,8 @@ class CountingSplicePump(SplicePump):
         self.fills = getattr(self, "fills", 0) + 1
         return super()._fill(d)
 
-    def _drain(self, d: Any) -> None:
-        super()._drain(d)
+    def _flush(self, d: Any) -> None:
+        super()._flush(d)
         if d.pending:  # the pump now parks this direction until the receiver is writable
             self.stalled = True
 
@@ -95,8 +95,8 @@ class CountingCopyPump(CopyPump):
         self.fills = getattr(self, "fills", 0) + 1
         return super()._fill(d)
 
-    def _drain(self, d: Any) -> None:
-        super()._drain(d)
+    def _flush(self, d: Any) -> None:
+        super()._flush(d)
         if d.pending:  # the pump now parks this direction until the receiver is writable
             self.stalled = True
 

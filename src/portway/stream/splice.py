@@ -193,7 +193,7 @@ class _PumpBase:
         #: direction's EOF then reaches its receiver with that close, one syscall fewer.
         self.shutdown_last = True
         #: Which socket an error came from, when the pump failed: 0 for `a`, 1 for `b`. A read
-        #: error belongs to the source, a write error (EPIPE, or any error while draining) to
+        #: error belongs to the source, a write error (EPIPE, or any error while flushing) to
         #: the destination; close reasons (client_reset / target_reset) are built on it.
         self.failed_side = -1
 
@@ -203,7 +203,7 @@ class _PumpBase:
         return bytes read, 0 on EOF. Raise BlockingIOError when nothing is available."""
         raise NotImplementedError
 
-    def _drain(self, d: _Direction) -> None:  # pragma: no cover - abstract
+    def _flush(self, d: _Direction) -> None:  # pragma: no cover - abstract
         """Write held bytes to ``d.dst`` until empty or the socket would block."""
         raise NotImplementedError
 
@@ -276,7 +276,7 @@ class _PumpBase:
                     return
                 if d.pending:
                     try:
-                        self._drain(d)
+                        self._flush(d)
                     except OSError as exc:
                         self._fail(exc, d, writing=True)
                         return
@@ -297,7 +297,7 @@ class _PumpBase:
 
     def _on_writable(self, d: _Direction) -> None:
         try:
-            self._drain(d)
+            self._flush(d)
         except OSError as exc:
             self._fail(exc, d, writing=True)
             return
@@ -364,7 +364,7 @@ class SplicePump(_PumpBase):
                 pass
         return n
 
-    def _drain(self, d: _Direction) -> None:
+    def _flush(self, d: _Direction) -> None:
         pipe = d.pipe
         assert pipe is not None
         r, dst, flags = pipe[0], d.dst, _SPLICE_FLAGS
@@ -426,7 +426,7 @@ class CopyPump(_PumpBase):
                 d.pending = len(d.tail)
         return n
 
-    def _drain(self, d: _Direction) -> None:
+    def _flush(self, d: _Direction) -> None:
         while d.tail:
             try:
                 sent = d.dst_sock.send(d.tail)

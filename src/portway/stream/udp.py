@@ -216,9 +216,9 @@ class _HookedSession(_Session):
         self.backlog.append((direction, data))
         if not self.running:
             self.running = True
-            self.stream.loop.create_task(self._drain())
+            self.stream.loop.create_task(self._run_hooks())
 
-    async def _drain(self) -> None:
+    async def _run_hooks(self) -> None:
         stream = self.stream
         assert stream.on_read is not None
         try:
