@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from portway.addr import PortSpec, is_udp
 from portway.config.schema import RouteConfig
 from portway.providers.docker_labels import Skip, routes_from_labels, target_for_container
-from portway.providers.snapshots import Snapshots
+from portway.providers.notify import SnapshotNotifier
 
 __all__ = [
     "ContainerInfo",
@@ -152,7 +152,7 @@ def _maybe_route(alias: str, raw: Mapping[str, Any], where: str, problems: list[
         return None
 
 
-class DockerProvider(Snapshots):
+class DockerProvider(SnapshotNotifier):
     """One Docker daemon's containers as routes; ``routes`` is always the last good snapshot.
 
     ``start()`` launches the watcher thread; `on_change` runs on the event loop whenever the

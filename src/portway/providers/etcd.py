@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 
 from portway.providers.kv import KVRoutes, KVRouteTable, Outage
-from portway.providers.snapshots import Snapshots
+from portway.providers.notify import SnapshotNotifier
 
 __all__ = ["EtcdProvider", "prefix_range_end"]
 
@@ -85,7 +85,7 @@ def _key(kv: dict[str, Any]) -> str:
     return _unb64(kv.get("key")).decode("utf-8", errors="replace")
 
 
-class EtcdProvider(Snapshots):
+class EtcdProvider(SnapshotNotifier):
     """Routes under `prefix` in an etcd cluster; ``current`` is always the last good snapshot.
 
     Same shape as ``DockerProvider``: ``start()`` on the running loop, ``await stop()``, and

@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from portway.providers.kv import KVRoutes, KVRouteTable, Outage, routes_prefix
-from portway.providers.snapshots import Snapshots
+from portway.providers.notify import SnapshotNotifier
 
 __all__ = ["NOTIFY_FLAGS", "RedisProvider", "glob_escape", "notify_flags_to_set"]
 
@@ -60,7 +60,7 @@ def notify_flags_to_set(current: str) -> str | None:
     return current + "".join(missing) if missing else None
 
 
-class RedisProvider(Snapshots):
+class RedisProvider(SnapshotNotifier):
     """Routes under `prefix` in one Redis database; ``current`` is always the last good snapshot.
 
     Same shape as ``DockerProvider``: ``start()`` on the running loop, ``await stop()``, and

@@ -13,10 +13,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-__all__ = ["Snapshots"]
+__all__ = ["SnapshotNotifier"]
 
 
-class Snapshots:
+class SnapshotNotifier:
     """The snapshot bookkeeping a provider shares with every other provider."""
 
     def __init__(self, on_change: Callable[[], None]) -> None:
