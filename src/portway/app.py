@@ -121,15 +121,7 @@ class LiveServer:
             sdnotify.ready()  # a no-op outside systemd and in workers (the supervisor notifies)
             if self.on_ready is not None:
                 self.on_ready()
-            stopping = loop.create_task(stop.wait())
-            while not stop.is_set():
-                waking = loop.create_task(self._wake.wait())
-                await asyncio.wait({stopping, waking}, return_when=asyncio.FIRST_COMPLETED)
-                waking.cancel()
-                if stop.is_set():
-                    break
-                self._wake.clear()
-                await self._reload()
+            await self.reload_until(stop)
         finally:
             sdnotify.stopping()
             self._stop_watching.set()
@@ -159,6 +151,21 @@ class LiveServer:
 
     def _file_grace(self) -> float:
         return self.sources.config.grace_period if self.sources is not None else 0.0
+
+    async def reload_until(self, stop: asyncio.Event) -> None:
+        """Reload each time something wakes us (a file changed, SIGHUP, a provider's routes
+        changed), one reload at a time, until `stop` is set."""
+        loop = asyncio.get_running_loop()
+        stopping = loop.create_task(stop.wait())
+        while not stop.is_set():
+            waking = loop.create_task(self._wake.wait())
+            await asyncio.wait({stopping, waking}, return_when=asyncio.FIRST_COMPLETED)
+            waking.cancel()
+            if stop.is_set():
+                break
+            self._wake.clear()
+            await self._reload()
+        stopping.cancel()
 
     async def wait_for(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
         """Return once `predicate()` holds after some reload (or already does)."""

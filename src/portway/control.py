@@ -165,16 +165,7 @@ class ControlPlane(LiveServer):
             self.ready.set()
             if self.on_ready is not None:
                 self.on_ready()
-            loop = asyncio.get_running_loop()
-            stopping = loop.create_task(stop.wait())
-            while not stop.is_set():
-                waking = loop.create_task(self._wake.wait())
-                await asyncio.wait({stopping, waking}, return_when=asyncio.FIRST_COMPLETED)
-                waking.cancel()
-                if stop.is_set():
-                    break
-                self._wake.clear()
-                await self._reload()
+            await self.reload_until(stop)
         finally:
             self._stop_watching.set()
             if self._watcher is not None:

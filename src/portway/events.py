@@ -12,6 +12,7 @@ Byte counts come from the counters the pumps already keep, read once when a conn
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, get_args
@@ -67,6 +68,26 @@ class ConnectionRecord:
     reason: CloseReason
     datagrams_client_to_target: int = 0
     datagrams_target_to_client: int = 0
+
+    @classmethod
+    def ending_now(
+        cls,
+        route: str,
+        protocol: Protocol_,
+        client: tuple[str, int],
+        target: str | None,
+        started: float,
+        up: int,
+        down: int,
+        reason: CloseReason,
+        datagrams_up: int = 0,
+        datagrams_down: int = 0,
+    ) -> ConnectionRecord:
+        """The record of a connection or session that ends now (`started`: its time.time())."""
+        duration = max(0.0, time.time() - started)
+        return cls(
+            route, protocol, client, target, started, duration, up, down, reason, datagrams_up, datagrams_down
+        )
 
 
 class Observer(Protocol):

@@ -345,17 +345,10 @@ class _Client(asyncio.Protocol):
 
     def _report(self, observer: Observer) -> None:
         stream = self.stream
+        target = self.holding.spec.key if self.holding is not None else None
         observer.closed(
-            ConnectionRecord(
-                route=stream.name,
-                protocol="tcp",
-                client=self.client,
-                target=self.holding.spec.key if self.holding is not None else None,
-                started=self.started,
-                duration=max(0.0, time.time() - self.started),
-                bytes_client_to_target=self.up,
-                bytes_target_to_client=self.down,
-                reason=self.reason,
+            ConnectionRecord.ending_now(
+                stream.name, "tcp", self.client, target, self.started, self.up, self.down, self.reason
             )
         )
 

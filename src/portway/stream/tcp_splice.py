@@ -626,16 +626,9 @@ class SpliceConn:
         stream = self.stream
         assert stream.observer is not None
         up, down = (pump.bytes_a_to_b, pump.bytes_b_to_a) if pump is not None else (0, 0)
+        target = self.holding.spec.key if self.holding is not None else None
         stream.observer.closed(
-            ConnectionRecord(
-                route=stream.name,
-                protocol="tcp",
-                client=self.client,
-                target=self.holding.spec.key if self.holding is not None else None,
-                started=self.started,
-                duration=max(0.0, time.time() - self.started),
-                bytes_client_to_target=up,
-                bytes_target_to_client=down,
-                reason=self.reason,
+            ConnectionRecord.ending_now(
+                stream.name, "tcp", self.client, target, self.started, up, down, self.reason
             )
         )

@@ -594,19 +594,19 @@ class UDPStream(Endpoint):
 
     def report(self, session: _Session, reason: CloseReason) -> None:
         assert self.observer is not None
+        target = session.holding.spec.key if session.holding is not None else None
         self.observer.closed(
-            ConnectionRecord(
-                route=self.name,
-                protocol="udp",
-                client=(session.client[0], session.client[1]),
-                target=session.holding.spec.key if session.holding is not None else None,
-                started=session.started,
-                duration=max(0.0, time.time() - session.started),
-                bytes_client_to_target=session.bytes_up,
-                bytes_target_to_client=session.bytes_down,
-                reason=reason,
-                datagrams_client_to_target=session.dgrams_up,
-                datagrams_target_to_client=session.dgrams_down,
+            ConnectionRecord.ending_now(
+                self.name,
+                "udp",
+                (session.client[0], session.client[1]),
+                target,
+                session.started,
+                session.bytes_up,
+                session.bytes_down,
+                reason,
+                session.dgrams_up,
+                session.dgrams_down,
             )
         )
 
