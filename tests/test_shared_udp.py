@@ -244,3 +244,19 @@ def test_udp_matches_conflict_like_tcp() -> None:
     assert "both the fallback" in refused(two)
     no_match = "routes:\n" + route("x", 4433, 1, None) + route("y", 4433, 2, None)
     assert "listens on the same address and protocol" in refused(no_match)
+
+
+async def test_a_reload_that_adds_a_route_rebuilds_the_listener_on_the_same_port() -> None:
+    port = free_udp_port()
+    async with targets(3) as (ta, tb, tc), serving(two_routes(port, ta.port, tb.port)) as (server, old):
+        text = two_routes(port, ta.port, tb.port) + route("c", port, tc.port, "{sni: [c.example.com]}")
+        assert await server.apply(load_config_text(text, "quic.yml")) == {}
+        [listener] = server.listeners.values()
+        assert listener is not old and listener.local_addr == ("127.0.0.1", port)
+        for sni, target in (("c.example.com", tc), ("a.example.com", ta)):
+            c = await client(port)
+            first = initial(sni, b"\x0b" * 8)
+            c.send(first)
+            assert await c.recv() == first
+            assert target.received == 1
+            c.close()
