@@ -260,3 +260,20 @@ async def test_a_reload_that_adds_a_route_rebuilds_the_listener_on_the_same_port
             assert await c.recv() == first
             assert target.received == 1
             c.close()
+
+
+async def test_an_undecided_client_cannot_park_more_than_pending_bytes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="portway")
+    port = free_udp_port()
+    async with targets(3) as (ta, tb, tf), serving(two_routes(port, ta.port, tb.port, tf.port)) as (_, lst):
+        lst.pending_bytes = 2000
+        c = await client(port)
+        one, two = split_initial("a.example.com", b"\x0c" * 8)
+        c.send(one)
+        c.send(two)  # would complete the hello, but is past the bound: undecidable, the fallback
+        assert await c.recv() == one  # not held past the bound: all forwarded, in order
+        assert await c.recv() == two
+        assert (ta.received, tf.received) == (0, 2)
+        assert not lst.pending

@@ -219,6 +219,8 @@ class SharedUDPListener:
             pending = self.pending[addr] = _Pending()
             pending.timer = self.loop.call_later(self.peek_timeout, self._expired, addr)
         if pending.size + len(data) > self.pending_bytes:
+            # Decided now, so nothing is held longer: this datagram leaves with the others.
+            pending.datagrams.append(data)
             self._decide(addr, pending, SniffError(f"over {self.pending_bytes} bytes before a route"))
             return
         pending.datagrams.append(data)
