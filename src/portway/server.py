@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from portway.addr import family_of, format_hostport, is_udp
 from portway.admission import AdmissionFactory
@@ -26,12 +26,14 @@ from portway.reload import plan_reload, pool_settings, shared_groups_changed, sh
 from portway.status import RouteStatus, TargetStatus
 from portway.stream.pool import HealthCheck, PoolMember, TargetPool
 from portway.stream.shared import SharedListener
+from portway.stream.shared_udp import SharedUDPListener
 from portway.stream.tcp import TCPStream
 from portway.stream.udp import UDPStream
 
 log = logging.getLogger("portway")
 
 AnyStream = TCPStream | UDPStream
+AnyListener = SharedListener | SharedUDPListener
 
 
 def build_pool(name: str, route: RouteConfig) -> TargetPool:
@@ -78,7 +80,7 @@ def build_stream(
     settings apply. Raises ConfigError (naming the route) if a GeoIP database or ACL log file
     cannot be opened, or a TLS certificate or key cannot be loaded. `pool` is the caller's (it
     stops it); without one the stream builds and owns its own. `shared`: the route sits behind a
-    `SharedListener` (see `build_listener`), so the stream never binds.
+    `SharedListener` or `SharedUDPListener` (see `build_listener`), so the stream never binds.
     """
     admission = admission if admission is not None else AdmissionFactory()
     listen = format_hostport(route.listen_host(), route.port.listening)
@@ -103,6 +105,7 @@ def build_stream(
             max_connections=route.max_connections,
             client_limits=client_limits(route),
             observer=observer,
+            shared=shared,
         )
     else:
         tls = route.tls
@@ -143,12 +146,12 @@ ListenKey = tuple[Proto, str, int]
 
 def build_listener(
     routes: dict[str, RouteConfig],
-    streams: dict[str, TCPStream],
+    streams: Mapping[str, AnyStream],
     *,
     reuse_port: bool = False,
     admission: AdmissionFactory | None = None,
     observer: Observer | None = None,
-) -> SharedListener:
+) -> AnyListener:
     """The shared listener of one group of routes (`shared_groups`), over their streams.
 
     Listener-level settings come from the first route: validation made every route agree. The
@@ -158,11 +161,27 @@ def build_listener(
     admission = admission if admission is not None else AdmissionFactory()
     first = next(iter(routes.values()))
     table = MatchTable({n: r.match.to_match() if r.match is not None else None for n, r in routes.items()})
+    if is_udp(first.scheme):
+        # Each route's stream applies its own (or the global) ACL when a session is created.
+        udp = {n: s for n, s in streams.items() if isinstance(s, UDPStream)}
+        assert len(udp) == len(streams)
+        return SharedUDPListener(
+            first.scheme,
+            first.listen_host(),
+            first.port.listening,
+            udp,
+            table,
+            peek_timeout=first.peek_timeout,
+            reuse_port=reuse_port,
+            observer=observer,
+        )
+    tcp = {n: s for n, s in streams.items() if isinstance(s, TCPStream)}
+    assert len(tcp) == len(streams)
     return SharedListener(
         first.scheme,
         first.listen_host(),
         first.port.listening,
-        streams,
+        tcp,
         table,
         peek_timeout=first.peek_timeout,
         proxy_protocol=admission.proxy_protocol(first),
@@ -184,7 +203,7 @@ class Server:
         self.observer = observer
         self.streams: dict[str, AnyStream] = {}
         #: The shared listeners (routes with `match:` or `tls:`), by listen address.
-        self.listeners: dict[ListenKey, SharedListener] = {}
+        self.listeners: dict[ListenKey, AnyListener] = {}
         #: Each running route's pool; a stream only borrows it (see the module docstring).
         self.pools: dict[str, TargetPool] = {}
         #: The global ACL, GeoIP databases and ACL logs, opened once and shared by the routes.
@@ -203,7 +222,7 @@ class Server:
         grouped = {n for names in groups.values() for n in names}
         pools: dict[str, TargetPool] = {}
         streams: dict[str, AnyStream] = {}
-        listeners: dict[ListenKey, SharedListener] = {}
+        listeners: dict[ListenKey, AnyListener] = {}
         try:
             for name, r in routes.items():
                 pools[name] = build_pool(name, r)
@@ -212,7 +231,7 @@ class Server:
                 await stream.prepare()
             for key, names in groups.items():
                 listeners[key] = self._build_listener(names, routes, streams)
-                listeners[key].prepare()
+                await _prepare(listeners[key])
         except BaseException:
             for listener in listeners.values():
                 listener.close()
@@ -303,7 +322,11 @@ class Server:
                 )
                 continue
             retargeted.append(name)
-        handover = _udp_handovers(plan.to_start, (*plan.removed, *plan.changed), running, config.routes)
+        groupings = (shared_groups(dict(running)), shared_groups(config.routes))
+        behind_shared = {n for groups in groupings for names in groups.values() for n in names}
+        handover = _udp_handovers(
+            plan.to_start, (*plan.removed, *plan.changed), running, config.routes, shared=behind_shared
+        )
         handed = {old: new for new, old in handover.items()}
         starting = [config.routes[n] for n in plan.to_start]
         for name in (*plan.removed, *plan.release_first):
@@ -451,12 +474,10 @@ class Server:
 
     def _build_listener(
         self, names: list[str], routes: Mapping[str, RouteConfig], streams: Mapping[str, AnyStream]
-    ) -> SharedListener:
-        members = {n: streams[n] for n in names}
-        assert all(isinstance(s, TCPStream) for s in members.values())
+    ) -> AnyListener:
         return build_listener(
             {n: routes[n] for n in names},
-            {n: s for n, s in members.items() if isinstance(s, TCPStream)},
+            {n: streams[n] for n in names},
             reuse_port=self.reuse_port,
             admission=self.admission,
             observer=self.observer,
@@ -468,17 +489,17 @@ class Server:
         routes: Mapping[str, RouteConfig],
         ready: dict[str, AnyStream],
         failed: dict[str, Exception],
-    ) -> dict[ListenKey, SharedListener]:
+    ) -> dict[ListenKey, AnyListener]:
         """Bind the new shared listeners of a reload. A group starts whole or not at all: if one
         of its routes failed, or the port cannot be bound, every route of the group fails."""
-        out: dict[ListenKey, SharedListener] = {}
+        out: dict[ListenKey, AnyListener] = {}
         for key, names in groups.items():
             problem: Exception | None = next((failed[n] for n in names if n in failed), None)
             listener = None
             if problem is None:
                 try:
                     listener = self._build_listener(names, routes, ready)
-                    listener.prepare()
+                    await _prepare(listener)
                 except (PortwayError, OSError) as exc:
                     problem = exc
             if listener is not None and problem is None:
@@ -524,17 +545,31 @@ class Server:
         )
 
 
+async def _prepare(listener: AnyListener) -> None:
+    """Bind a shared listener (a UDP one also gets its transport, which its routes reply through)."""
+    if isinstance(listener, SharedUDPListener):
+        await listener.open()
+    else:
+        listener.prepare()
+
+
 def _udp_handovers(
     starting: Sequence[str],
     leaving: Sequence[str],
     running: Mapping[str, RouteConfig],
     wanted: Mapping[str, RouteConfig],
+    shared: Collection[str] = (),
 ) -> dict[str, str]:
     """New UDP routes that listen exactly where a leaving (removed or changed) one does: the new
-    stream adopts the old socket, so the old sessions keep being served from that address."""
-    by_key = {listen_key(running[n]): n for n in leaving if is_udp(running[n].scheme)}
+    stream adopts the old socket, so the old sessions keep being served from that address.
+
+    Not for routes behind a shared UDP listener (`shared`, old or new): their socket belongs to
+    the listener, which a reload rebuilds with its group (the group's sessions start over)."""
+    by_key = {listen_key(running[n]): n for n in leaving if is_udp(running[n].scheme) and n not in shared}
     out: dict[str, str] = {}
     for name in starting:
+        if name in shared:
+            continue
         route = wanted[name]
         key = listen_key(route)
         old = by_key.get(key)

@@ -193,8 +193,12 @@ class RouteConfig(_Model):
             raise ValueError("give `host` (one target) or `targets` (a pool), not both")
         if is_udp(self.scheme) and self.tls is not None:
             raise ValueError("tls: terminates TLS over TCP; a UDP route cannot have it")
-        if is_udp(self.scheme) and self.match is not None:
-            raise ValueError("match: on UDP listeners (QUIC SNI) is not supported yet; TCP routes only")
+        if is_udp(self.scheme) and self.match is not None and (self.match.protocol or self.match.http_host):
+            field = "protocol" if self.match.protocol else "http_host"
+            raise ValueError(
+                f"match.{field} is TCP only: a UDP route matches the SNI and ALPN of a QUIC Initial "
+                "(match.sni, match.alpn), or is the fallback (match: {})"
+            )
         if self.shares_listener and self.port.listening == 0:
             what = "match:" if self.match is not None else "tls:"
             raise ValueError(f"{what} needs a fixed listening port (it runs on a shared listener), not 0")
@@ -363,12 +367,12 @@ def listen_key(route: RouteConfig) -> tuple[Proto, str, int]:
 
 
 def share_listener(a: RouteConfig, b: RouteConfig) -> bool:
-    """Whether two routes may share one listener: the very same TCP address, told apart by `match`
-    (at least one has one; whether the matches differ is `portway.matching.check_routes`' job)."""
+    """Whether two routes may share one listener: the very same TCP or UDP address, told apart by
+    `match` (at least one has one; whether the matches differ is `portway.matching.check_routes`'
+    job). On UDP the match reads the QUIC Initial (`portway.stream.shared_udp`)."""
     return (
         listen_key(a) == listen_key(b)
         and a.scheme == b.scheme
-        and not is_udp(a.scheme)
         and a.port.listening != 0
         and (a.match is not None or b.match is not None)
     )
@@ -376,10 +380,11 @@ def share_listener(a: RouteConfig, b: RouteConfig) -> bool:
 
 def shared_groups(routes: dict[str, RouteConfig]) -> dict[tuple[Proto, str, int], list[str]]:
     """The routes behind each shared listener, in config order: every TCP listen address where
-    some route has a `match` or terminates TLS (a lone ``tls:`` route is a group of one)."""
+    some route has a `match` or terminates TLS (a lone ``tls:`` route is a group of one), and every
+    UDP listen address where some route has a `match` (QUIC SNI)."""
     groups: dict[tuple[Proto, str, int], list[str]] = {}
     for name, route in routes.items():
-        if not is_udp(route.scheme) and route.port.listening != 0:
+        if route.port.listening != 0:
             groups.setdefault(listen_key(route), []).append(name)
     return {key: names for key, names in groups.items() if any(routes[n].shares_listener for n in names)}
 

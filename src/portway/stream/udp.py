@@ -321,10 +321,13 @@ class UDPStream(Endpoint):
         max_connections: int | None = None,
         client_limits: ClientLimits | None = None,
         observer: Observer | None = None,
+        shared: bool = False,
     ) -> None:
         """`access` admits clients by address when their session is created (a denied source gets
         no session and is never sent anything); `relay_proxy_protocol` prepends a v2 DGRAM PROXY
-        header to every datagram for the target."""
+        header to every datagram for the target. `shared`: the route sits behind a
+        `portway.stream.shared_udp.SharedUDPListener`, which owns the socket and lends this
+        stream its transport for replies (see `attach`), so the stream never binds."""
         if network not in ("udp", "udp4", "udp6"):
             raise ValueError(f"UDPStream needs a udp network, not {network!r}")
         super().__init__(
@@ -362,6 +365,13 @@ class UDPStream(Endpoint):
         self.accepting = True
         #: Set whenever a session ends, while a drain waits for the last one.
         self._ended: asyncio.Event | None = None
+        self.shared = shared
+
+    def attach(self, transport: asyncio.DatagramTransport, local: tuple[str, int]) -> None:
+        """Shared: reply through the shared listener's `transport`, bound at `local`."""
+        self.transport = transport
+        self._local = local
+        self._refresh_fields()
 
     def _configure(self, sock: socket.socket) -> None:
         _grow_buffers(sock)
@@ -372,7 +382,7 @@ class UDPStream(Endpoint):
         except BaseException:
             self.stop_pool()
             raise
-        assert self._sock is not None
+        assert self._sock is not None or self.shared
         self.pre_dial = pre_dial
         self.on_read = on_read
         if self.relay_proxy_protocol:
@@ -383,7 +393,9 @@ class UDPStream(Endpoint):
             self.access.attach()
             self._attached = True
         old = self.inherited
-        if old is not None and old._listener is not None and old.transport is not None:
+        if self.shared:
+            pass  # the shared listener feeds `new_session` and lends its transport (`attach`)
+        elif old is not None and old._listener is not None and old.transport is not None:
             # A reload kept this listening address: take over the socket and its transport, so
             # the old stream's sessions keep their replies flowing from the same address.
             self._listener = old._listener
@@ -405,7 +417,7 @@ class UDPStream(Endpoint):
         self._refresh_fields()
 
     async def prepare(self) -> None:
-        if self.inherited is not None and self._sock is not None:
+        if self.shared or (self.inherited is not None and self._sock is not None):
             self.loop = asyncio.get_running_loop()
             await self.pool.start()  # the socket is adopted; only the pool needs starting
             return
@@ -419,8 +431,8 @@ class UDPStream(Endpoint):
         if self._attached and self.access is not None:
             self._attached = False
             self.access.detach()
-        if self.handed_over:
-            pass  # the socket now belongs to the stream that took it over
+        if self.handed_over or self.shared:
+            pass  # the socket belongs to the stream that took it over, or to the shared listener
         elif self.transport is not None:
             if not self.transport.is_closing():
                 self.transport.close()
