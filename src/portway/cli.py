@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import click
 
 from portway import __version__
-from portway.addr import family_of, is_udp
+from portway.addr import is_udp
 from portway.app import serve_live
 from portway.config.describe import describe
 from portway.config.load import Sources, load_config
@@ -28,7 +28,7 @@ from portway.errors import BindError, ConfigError, PortwayError
 from portway.logs import BatchingHandler, LoopErrorLog, setup_logging
 from portway.loops import loop_factory, loop_name
 from portway.server import Server
-from portway.stream.listen import bind_socket, listen_family
+from portway.stream.listen import bind_listener
 from portway.supervisor import CONTROL_SOCKET_ENV, Supervisor, cpu_count
 
 log = logging.getLogger("portway")
@@ -327,17 +327,8 @@ def reserve_listeners(config: Config) -> dict[str, int]:
     try:
         for name, route in config.routes.items():
             host = route.listen_host()
-            family, v6only = listen_family(host, family_of(route.scheme))
             kind = socket.SOCK_DGRAM if is_udp(route.scheme) else socket.SOCK_STREAM
-            sock = bind_socket(
-                host,
-                route.port.listening,
-                family=family,
-                kind=kind,
-                v6only=v6only,
-                reuse_port=True,
-                name=name,
-            )
+            sock = bind_listener(route.scheme, host, route.port.listening, kind, reuse_port=True, name=name)
             probes.append(sock)
             if route.port.listening == 0:
                 overrides[name] = sock.getsockname()[1]

@@ -28,14 +28,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from portway import sdnotify
-from portway.addr import family_of, is_udp
+from portway.addr import is_udp
 from portway.app import LiveServer, with_override
 from portway.config.load import Sources, load_config
 from portway.config.schema import Config, RouteConfig
 from portway.errors import ConfigError, PortwayError
 from portway.reload import pool_settings
 from portway.server import build_pool, fold
-from portway.stream.listen import bind_socket, listen_family
+from portway.stream.listen import bind_listener
 from portway.stream.pool import TargetPool
 from portway.worker_link import VERSION, LinkClosed, Message, read_message, send
 
@@ -54,9 +54,8 @@ def reserve_port(name: str, route: RouteConfig) -> int:
     workers will bind it. The probe socket is closed again (a bound UDP socket in the group
     would receive datagrams); BindError names the route when the address cannot be used."""
     host = route.listen_host()
-    family, v6only = listen_family(host, family_of(route.scheme))
     kind = socket.SOCK_DGRAM if is_udp(route.scheme) else socket.SOCK_STREAM
-    sock = bind_socket(host, 0, family=family, kind=kind, v6only=v6only, reuse_port=True, name=name)
+    sock = bind_listener(route.scheme, host, 0, kind, reuse_port=True, name=name)
     try:
         port: int = sock.getsockname()[1]
         return port

@@ -16,7 +16,7 @@ from portway.events import Observer
 from portway.limits import ClientLimits
 from portway.logs import BurstLog, ConnectionLog, connection_log
 from portway.stream.base import Address, Direction, Hook, HookContext, StreamDescription, addr_str
-from portway.stream.listen import bind_socket, listen_family
+from portway.stream.listen import bind_listener
 from portway.stream.pool import PoolMember, TargetPool
 
 
@@ -91,13 +91,11 @@ class Endpoint:
             return
         self.loop = asyncio.get_running_loop()
         await self.pool.start()
-        family, v6only = listen_family(self.listen_host, family_of(self.network))
-        self._sock = bind_socket(
+        self._sock = bind_listener(
+            self.network,
             self.listen_host,
             self.listen_port,
-            family=family,
-            kind=self.KIND,
-            v6only=v6only,
+            self.KIND,
             reuse_port=self.reuse_port,
             name=self.name,
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from portway.addr import format_hostport
+from portway.addr import Network, family_of, format_hostport
 from portway.errors import BindError
 
 _REASONS = {
@@ -66,3 +66,12 @@ def listen_family(host: str, pinned: int) -> tuple[int, bool]:
     if ":" in host:
         return socket.AF_INET6, pinned == socket.AF_INET6
     return socket.AF_INET, False
+
+
+def bind_listener(
+    network: Network, host: str, port: int, kind: int, *, reuse_port: bool = False, name: str = ""
+) -> socket.socket:
+    """A listener on `host:port` for a route's `network` (``::`` is dual-stack unless the
+    network pins IPv6); raises BindError naming `name` and the address."""
+    family, v6only = listen_family(host, family_of(network))
+    return bind_socket(host, port, family=family, kind=kind, v6only=v6only, reuse_port=reuse_port, name=name)

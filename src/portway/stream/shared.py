@@ -34,7 +34,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from portway.addr import Network, family_of, format_hostport
+from portway.addr import Network, format_hostport
 from portway.events import CloseReason, ConnectionRecord, Observer
 from portway.logs import BurstLog
 from portway.matching import MatchTable
@@ -50,7 +50,7 @@ from portway.sniff import (
 from portway.stream.accept import Listener, serve_tcp_sockets
 from portway.stream.base import Address, addr_str
 from portway.stream.handoff import serve_accepted
-from portway.stream.listen import bind_socket, listen_family
+from portway.stream.listen import bind_listener
 
 if TYPE_CHECKING:
     from portway.access import AccessControl
@@ -113,13 +113,11 @@ class SharedListener:
         if self._sock is not None:
             return
         self.loop = asyncio.get_running_loop()
-        family, v6only = listen_family(self.host, family_of(self.network))
-        self._sock = bind_socket(
+        self._sock = bind_listener(
+            self.network,
             self.host,
             self.port,
-            family=family,
-            kind=socket.SOCK_STREAM,
-            v6only=v6only,
+            socket.SOCK_STREAM,
             reuse_port=self.reuse_port,
             name="+".join(self.routes),
         )

@@ -28,13 +28,13 @@ import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from portway.addr import Network, family_of, format_hostport
+from portway.addr import Network, format_hostport
 from portway.logs import BurstLog
 from portway.matching import MatchTable
 from portway.quic import MAX_INITIAL_DATAGRAMS, QuicSniffer
 from portway.sniff import Sniffed, SniffError
 from portway.stream.base import Address
-from portway.stream.listen import bind_socket, listen_family
+from portway.stream.listen import bind_listener
 from portway.stream.udp import SOCKET_BUFFER
 
 if TYPE_CHECKING:
@@ -144,13 +144,11 @@ class SharedUDPListener:
         if self._sock is not None:
             return
         self.loop = asyncio.get_running_loop()
-        family, v6only = listen_family(self.host, family_of(self.network))
-        self._sock = bind_socket(
+        self._sock = bind_listener(
+            self.network,
             self.host,
             self.port,
-            family=family,
-            kind=socket.SOCK_DGRAM,
-            v6only=v6only,
+            socket.SOCK_DGRAM,
             reuse_port=self.reuse_port,
             name="+".join(self.routes),
         )
