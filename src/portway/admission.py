@@ -63,15 +63,7 @@ class AdmissionFactory:
                 return self._build(route.acl, f"route.{name}")
             except ConfigError as exc:
                 raise exc.located(route=name, field="acl") from None
-        global_acl = self.config.acl if self.config is not None else None
-        if global_acl is None:
-            return None
-        if self._global is None:
-            try:
-                self._global = self._build(global_acl, "global")
-            except ConfigError as exc:
-                raise exc.located(field="acl") from None
-        return self._global
+        return self.global_access_control()
 
     def global_access_control(self) -> AccessControl | None:
         """The global ACL (shared), or None: what a shared listener applies before choosing a route."""
