@@ -20,6 +20,7 @@ import os
 import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Literal
 
 from watchfiles import awatch
 
@@ -176,47 +177,57 @@ class LiveServer:
 
     async def _reload(self) -> None:
         assert self.server is not None
-        assert self.sources is not None
         observe = self.observability
-        files_reloaded = False
         if self._files_dirty:
-            self._files_dirty = False
             sdnotify.reloading()
-            try:
-                sources = load_config(self.path)
-            except ConfigError as exc:
-                if observe is not None:
-                    observe.reloaded(False)
-                sdnotify.ready()
-                log.error(
-                    f"reload refused, the running routes are unchanged: {exc}",
-                    extra={
-                        "action": "reload",
-                        "file": exc.file,
-                        "line": exc.line,
-                        "route": exc.route,
-                        "field": exc.field,
-                        "error": exc.message,
-                    },
-                )
-                await self._notify()
-                return
-            files_reloaded = True
-            files_changed = sources.files != self.sources.files
-            self.sources = sources
-            self._sync_providers()
-            if files_changed:
-                await self._restart_watcher()
+        files = await self._reread_files()
+        if files == "refused":
+            if observe is not None:
+                observe.reloaded(False)
+            sdnotify.ready()
+            await self._notify()
+            return
         failed = await self.server.apply(self._wanted())
         log.info(
             "reload applied",
             extra={"action": "reload", "routes": len(self.server.streams), "failed": sorted(failed)},
         )
-        if files_reloaded:
+        if files == "reread":
             if observe is not None:
                 observe.reloaded(not failed)
             sdnotify.ready()
         await self._notify()
+
+    async def _reread_files(self) -> Literal["unchanged", "reread", "refused"]:
+        """Re-read the config files if one changed (or SIGHUP asked), and follow what they now
+        name: providers to start or stop, files to watch. A file that fails validation is
+        "refused" (logged with file, line, route and field): the running routes stay as they are.
+        """
+        assert self.sources is not None
+        if not self._files_dirty:
+            return "unchanged"
+        self._files_dirty = False
+        try:
+            sources = load_config(self.path)
+        except ConfigError as exc:
+            log.error(
+                f"reload refused, the running routes are unchanged: {exc}",
+                extra={
+                    "action": "reload",
+                    "file": exc.file,
+                    "line": exc.line,
+                    "route": exc.route,
+                    "field": exc.field,
+                    "error": exc.message,
+                },
+            )
+            return "refused"
+        files_changed = sources.files != self.sources.files
+        self.sources = sources
+        self._sync_providers()
+        if files_changed:
+            await self._restart_watcher()
+        return "reread"
 
     async def _notify(self) -> None:
         async with self.reloaded:

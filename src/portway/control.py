@@ -211,28 +211,13 @@ class ControlPlane(LiveServer):
                 task.cancel()
 
     async def _reload(self) -> None:
-        assert self.sources is not None
-        files = False
-        if self._files_dirty:
-            self._files_dirty = False
-            try:
-                sources = load_config(self.path)
-            except ConfigError as exc:
-                log.error(
-                    f"reload refused, the running routes are unchanged: {exc}",
-                    extra={"action": "reload", "file": exc.file, "line": exc.line, "route": exc.route},
-                )
-                for writer in list(self.links):
-                    send(writer, {"type": "refused"})  # counted in the reload metrics
-                await self._notify()
-                return
-            files = True
-            files_changed = sources.files != self.sources.files
-            self.sources = sources
-            self._sync_providers()
-            if files_changed:
-                await self._restart_watcher()
-        await self._publish(files=files)
+        files = await self._reread_files()
+        if files == "refused":
+            for writer in list(self.links):
+                send(writer, {"type": "refused"})  # counted in the reload metrics
+            await self._notify()
+            return
+        await self._publish(files=files == "reread")
         await self._notify()
 
     def _plan(self) -> Config:
