@@ -218,7 +218,10 @@ async def test_one_docker_event_stream_per_instance(
     pw, _pids = await start(config, text)
     try:
         assert len(pw.children()) == 3  # the control plane and two workers
-        # Python does not name OS threads, so the provider's own start line is the count.
+        # Python does not name OS threads, so the provider's own start line is the count. The
+        # control plane's line may be written after the workers report ready (logs are batched):
+        # wait for it, then count every such line (a worker's would come before its ready).
+        await pw.wait_for("docker provider started")
         started = [r for r in pw.records if r.get("event") == "docker provider started"]
         assert [r["worker"] for r in started] == ["control"], "a worker watches Docker itself"
         with socket.socket() as probe:
