@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import select
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from portway.stream.epollset import HAVE_EPOLL, epoll_set_for
 from portway.stream.splice import (
     HAVE_SPLICE,
     CopyPump,
@@ -78,9 +80,9 @@ class CountingSplicePump(SplicePump):
 
     __slots__ = ("fills", "stalled")
 
-    def _fill(self, d: Any) -> int:
+    def _fill(self, d: Any, more: bool) -> int:
         self.fills = getattr(self, "fills", 0) + 1
-        return super()._fill(d)
+        return super()._fill(d, more)
 
     def _flush(self, d: Any) -> None:
         super()._flush(d)
@@ -91,9 +93,9 @@ class CountingSplicePump(SplicePump):
 class CountingCopyPump(CopyPump):
     __slots__ = ("fills", "stalled")
 
-    def _fill(self, d: Any) -> int:
+    def _fill(self, d: Any, more: bool) -> int:
         self.fills = getattr(self, "fills", 0) + 1
-        return super()._fill(d)
+        return super()._fill(d, more)
 
     def _flush(self, d: Any) -> None:
         super()._flush(d)
@@ -273,3 +275,102 @@ def test_pool_keeps_at_most_max_idle_pipes() -> None:
     assert closed == 3
     pool.close()
     assert pool.idle == 0
+
+
+def on_epoll_set(test: Callable[[], Awaitable[None]]) -> Callable[..., None]:
+    """Run ``async def t()`` under both loops with the splice pump on the engine's epoll set."""
+
+    @pytest.mark.skipif(not (HAVE_SPLICE and HAVE_EPOLL), reason="splice and epoll are Linux-only")
+    @pytest.mark.parametrize("loop_factory", LOOPS)
+    def wrapper(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+        run(loop_factory, test())
+
+    wrapper.__name__ = test.__name__
+    wrapper.__doc__ = test.__doc__
+    return wrapper
+
+
+class WakeCountingPump(SplicePump):
+    """Counts readiness callbacks per direction (0: a -> b)."""
+
+    __slots__ = ("wakeups",)
+
+    def _on_readable(self, d: Any) -> None:
+        if not hasattr(self, "wakeups"):
+            self.wakeups = [0, 0]
+        self.wakeups[0 if d is self._dirs[0] else 1] += 1
+        super()._on_readable(d)
+
+
+@on_epoll_set
+async def test_data_and_fin_queued_together_move_in_one_wakeup() -> None:
+    """The event carrying the client's last bytes also says it sent FIN (EPOLLRDHUP): the pump
+    reads on to the EOF and forwards bytes and FIN in the same callback, not in two."""
+    loop = asyncio.get_running_loop()
+    io = epoll_set_for(loop)
+    assert io is not None
+    client, a = await tcp_pair()
+    b, server = await tcp_pair()
+    done: asyncio.Future[BaseException | None] = loop.create_future()
+    # On loopback the bytes and the FIN are queued on `a` by the time these calls return.
+    client.sendall(b"request" * 20)
+    client.shutdown(socket.SHUT_WR)
+    pump = WakeCountingPump(loop, a, b, done.set_result, io=io)
+    pump.start()
+    try:
+        assert await recv_all(server) == b"request" * 20
+        assert pump.wakeups[0] == 1
+        server.shutdown(socket.SHUT_WR)
+        assert await recv_all(client) == b""
+        assert await done is None
+    finally:
+        pump.close()
+        for s in (client, a, b, server):
+            io.forget(s.fileno())
+            s.close()
+
+
+async def peer_closed(sock: socket.socket) -> None:
+    """Wait until `sock`'s peer has sent FIN (so everything it sent before is queued)."""
+    loop = asyncio.get_running_loop()
+    ep = select.epoll()
+    ep.register(sock.fileno(), select.EPOLLRDHUP)
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(ep.fileno(), ready.set_result, None)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(ep.fileno())
+        ep.close()
+
+
+@on_epoll_set
+async def test_fin_behind_more_segments_than_a_pipe_holds_loses_nothing() -> None:
+    """A short splice read is not proof the socket is empty (a one-page pipe takes one segment
+    per read): with FIN seen, the pump reads to the real EOF, whatever the segmentation."""
+    loop = asyncio.get_running_loop()
+    io = epoll_set_for(loop)
+    assert io is not None
+    pool = PipePool(max_idle=2, pipe_size=4096)
+    client, a = await tcp_pair()
+    b, server = await tcp_pair()
+    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sent = os.urandom(400 * 30)
+    for i in range(0, len(sent), 30):
+        client.sendall(sent[i : i + 30])
+    client.shutdown(socket.SHUT_WR)
+    await peer_closed(a)  # every segment and the FIN are queued before the pump starts
+    done: asyncio.Future[BaseException | None] = loop.create_future()
+    pump = SplicePump(loop, a, b, done.set_result, pool, io=io)
+    pump.start()
+    try:
+        got = await recv_all(server)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(sent).digest()
+        server.shutdown(socket.SHUT_WR)
+        assert await done is None
+    finally:
+        pump.close()
+        for s in (client, a, b, server):
+            io.forget(s.fileno())
+            s.close()
+        pool.close()

@@ -166,6 +166,36 @@ async def test_half_close_by_target_keeps_upstream_flowing() -> None:
         server.close()
 
 
+async def test_server_speaks_first_protocol_skips_the_early_read(engine: str) -> None:
+    """A banner protocol (SSH, SMTP: the client waits for the server). The raw engine reads the
+    client as soon as the target answers; here that read finds nothing, so the route skips it
+    for the next connections, and every banner and reply still arrives."""
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"SSH-2.0-test\r\n")
+        await w.drain()
+        w.write(b"echo " + await r.readline())
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    stream = TCPStream("tcp4", "127.0.0.1:0", f"127.0.0.1:{port}")
+    await stream.listen_and_serve()
+    try:
+        for _ in range(2):
+            reader, writer = await connect(stream)
+            assert await asyncio.wait_for(reader.readline(), 5) == b"SSH-2.0-test\r\n"
+            writer.write(b"hello\n")
+            assert await asyncio.wait_for(reader.readline(), 5) == b"echo hello\n"
+            writer.close()
+        if engine == "splice":
+            assert stream.quiet_clients == 64 - 1  # one early read failed, the next was skipped
+    finally:
+        await stream.close()
+        server.close()
+
+
 async def test_200_concurrent_connections(proxy: TCPStream, tcp_echo: TCPEchoTarget) -> None:
     async def one(i: int) -> bytes:
         reader, writer = await connect(proxy)

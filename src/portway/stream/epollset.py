@@ -35,15 +35,20 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["EPOLL_FAILED", "HAVE_EPOLL", "EpollSet", "epoll_set_for"]
+__all__ = ["EPOLL_FAILED", "EPOLL_PEER_CLOSED", "HAVE_EPOLL", "EpollSet", "epoll_set_for"]
 
 HAVE_EPOLL: Final[bool] = hasattr(select, "epoll")
 
-_IN: Final = getattr(select, "EPOLLIN", 1)
+_RDHUP: Final = getattr(select, "EPOLLRDHUP", 0x2000)
+# Read interest includes EPOLLRDHUP: a reader learns "the peer sent FIN" from the event that
+# carries its last bytes, and can forward data and FIN together (see `splice._PumpBase`).
+_IN: Final = getattr(select, "EPOLLIN", 1) | _RDHUP
 _OUT: Final = getattr(select, "EPOLLOUT", 4)
 _ERR: Final = getattr(select, "EPOLLERR", 8) | getattr(select, "EPOLLHUP", 16)
 #: Set in `EpollSet.ready_events` when the descriptor failed or hung up (or nothing is known).
 EPOLL_FAILED: Final = _ERR
+#: Set in `EpollSet.ready_events` when the peer has sent FIN (everything before it is queued).
+EPOLL_PEER_CLOSED: Final = _RDHUP
 _READ_EVENTS: Final = _IN | _ERR
 _WRITE_EVENTS: Final = _OUT | _ERR
 #: Ready descriptors taken per `epoll_wait`; more stay ready and wake the loop again.

@@ -636,6 +636,9 @@ class TCPStream(Endpoint):
         self.conns: set[_Client | SpliceConn] = set()
         #: The loop's pipe pool when the raw engine relays with splice (set when serving starts).
         self.pipe_pool: splice.PipePool | None = None
+        #: Connections left that skip the raw engine's early read of the client (see
+        #: `SpliceConn._read_client_now`): > 0 after a client had sent nothing yet.
+        self.quiet_clients = 0
         self.pre_dial: Hook | None = None
         self.on_read: Hook | None = None
         self._server: Listener | None = None

@@ -72,6 +72,7 @@ class TCPRoute(Protocol):
     log_conns: bool
     limited: bool
     pre_dial: Hook | None
+    quiet_clients: int
 
     @property
     def conns(self) -> set[Any]: ...
@@ -95,6 +96,10 @@ _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _SOCK_NONBLOCK: int = getattr(socket, "SOCK_NONBLOCK", 0)
 _NONBLOCK_STREAM = socket.SOCK_STREAM | _SOCK_NONBLOCK
 _CONNECT_PENDING = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK, errno.EALREADY)
+
+#: After a client had sent nothing by the time its target answered (a server-speaks-first
+#: protocol: SSH, SMTP, MySQL), this many connections skip the early read, which would fail.
+_QUIET_SKIP = 64
 
 #: Less time than this left of the connect timeout is none: fail rather than start a dial.
 _TIME_LEFT = 0.001
@@ -447,6 +452,7 @@ class SpliceConn:
         self._start_pump(sock)
         if self.phase == _PUMPING:  # else _start_pump failed and has already cleaned up
             self.io.remove_writer(sock.fileno())
+            self._read_client_now()
 
     def _dial_expired(self) -> None:
         self.timer = None
@@ -498,6 +504,8 @@ class SpliceConn:
             self.io.add_writer(sock.fileno(), self._on_initial_writable)
             return
         self._start_pump(sock)
+        if self.phase == _PUMPING:
+            self._read_client_now()
 
     def _on_initial_writable(self) -> None:
         sock = self.target_sock
@@ -530,6 +538,22 @@ class SpliceConn:
             self.io.remove_writer(target.fileno())
             self.reason = "error"
             self._close()
+
+    def _read_client_now(self) -> None:
+        """Pass on what the client sent while we dialed, now rather than a wake-up later.
+
+        A client speaking first (HTTP, TLS, most request/response protocols) has its first
+        bytes queued by the time the target accepts, so reading at once saves the wake-up that
+        would report them. A route whose clients wait for the server learns that from a read
+        that finds nothing, and skips the next `_QUIET_SKIP` early reads.
+        """
+        stream = self.stream
+        if stream.quiet_clients:
+            stream.quiet_clients -= 1
+            return
+        pump = self.pump
+        if pump is not None and not pump.read_now(0):
+            stream.quiet_clients = _QUIET_SKIP
 
     def _pump_done(self, exc: BaseException | None) -> None:
         # An error (a reset on one side) ends the other side too; a plain close, as the
