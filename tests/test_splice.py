@@ -295,11 +295,11 @@ class WakeCountingPump(SplicePump):
 
     __slots__ = ("wakeups",)
 
-    def _on_readable(self, d: Any) -> None:
+    def _on_readable(self, d: Any, unprompted: bool = False) -> None:
         if not hasattr(self, "wakeups"):
             self.wakeups = [0, 0]
         self.wakeups[0 if d is self._dirs[0] else 1] += 1
-        super()._on_readable(d)
+        super()._on_readable(d, unprompted)
 
 
 @on_epoll_set

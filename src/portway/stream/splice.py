@@ -274,16 +274,15 @@ class _PumpBase:
         first bytes are most likely queued already; False if nothing was there (EAGAIN)."""
         d = self._dirs[index]
         before = d.moved
-        self._drain(d, False)
+        self._on_readable(d, True)
         return d.moved != before or d.eof or self._closed
 
-    def _on_readable(self, d: _Direction) -> None:
+    def _on_readable(self, d: _Direction, unprompted: bool = False) -> None:
+        # The peer sent FIN (EPOLLRDHUP with the data): its EOF is already queued behind the
+        # bytes, so read on to it now instead of in another wake-up. Not when `unprompted`
+        # (read_now): the events of the descriptor being dispatched are then another one's.
         events = self._events
-        self._drain(d, events is not None and bool(events.ready_events & EPOLL_PEER_CLOSED))
-
-    def _drain(self, d: _Direction, peer_closed: bool) -> None:
-        """Move what `d.src` holds. `peer_closed`: its peer sent FIN, so the EOF is already
-        queued behind the data: read on to it now instead of in another wake-up."""
+        peer_closed = not unprompted and events is not None and bool(events.ready_events & EPOLL_PEER_CLOSED)
         try:
             for _ in range(_ROUNDS_PER_WAKEUP):
                 try:
