@@ -25,6 +25,7 @@ import pytest
 from portway.stream.epollset import HAVE_EPOLL, epoll_set_for
 from portway.stream.splice import (
     HAVE_SPLICE,
+    SMALL_READ,
     CopyPump,
     PipePool,
     SplicePump,
@@ -355,9 +356,12 @@ async def test_fin_behind_more_segments_than_a_pipe_holds_loses_nothing() -> Non
     client, a = await tcp_pair()
     b, server = await tcp_pair()
     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sent = os.urandom(400 * 30)
-    for i in range(0, len(sent), 30):
-        client.sendall(sent[i : i + 30])
+    bulk = os.urandom(2 * SMALL_READ)  # fills the copy buffer: the direction turns to splice
+    client.sendall(bulk)
+    tail = os.urandom(400 * 30)
+    for i in range(0, len(tail), 30):
+        client.sendall(tail[i : i + 30])
+    sent = bulk + tail
     client.shutdown(socket.SHUT_WR)
     await peer_closed(a)  # every segment and the FIN are queued before the pump starts
     done: asyncio.Future[BaseException | None] = loop.create_future()
@@ -368,6 +372,50 @@ async def test_fin_behind_more_segments_than_a_pipe_holds_loses_nothing() -> Non
         assert hashlib.sha256(got).digest() == hashlib.sha256(sent).digest()
         server.shutdown(socket.SHUT_WR)
         assert await done is None
+    finally:
+        pump.close()
+        for s in (client, a, b, server):
+            io.forget(s.fileno())
+            s.close()
+        pool.close()
+
+
+class CountingPipePool(PipePool):
+    __slots__ = ("acquired",)
+
+    def acquire(self) -> tuple[int, int]:
+        self.acquired = getattr(self, "acquired", 0) + 1
+        return super().acquire()
+
+
+@on_epoll_set
+async def test_small_messages_are_copied_and_bulk_is_spliced() -> None:
+    """Request/response-sized messages never take a pipe; the first read that fills the copy
+    buffer turns that direction (only that one) to splice, and every byte still arrives."""
+    loop = asyncio.get_running_loop()
+    io = epoll_set_for(loop)
+    assert io is not None
+    pool = CountingPipePool()
+    client, a = await tcp_pair()
+    b, server = await tcp_pair()
+    done: asyncio.Future[BaseException | None] = loop.create_future()
+    pump = SplicePump(loop, a, b, done.set_result, pool, io=io)
+    pump.start()
+    try:
+        for _ in range(20):
+            await loop.sock_sendall(client, b"GET / HTTP/1.1\r\n\r\n")
+            assert await recv_exactly(server, 18) == b"GET / HTTP/1.1\r\n\r\n"
+            await loop.sock_sendall(server, b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 300)
+            assert len(await recv_exactly(client, 19 + 300)) == 319
+        assert getattr(pool, "acquired", 0) == 0
+        body = os.urandom(4 << 20)
+        got, _ = await asyncio.gather(recv_exactly(client, len(body)), loop.sock_sendall(server, body))
+        assert hashlib.sha256(got).digest() == hashlib.sha256(body).digest()
+        assert pool.acquired > 0
+        acquired = pool.acquired
+        await loop.sock_sendall(client, b"still copied")
+        assert await recv_exactly(server, 12) == b"still copied"
+        assert pool.acquired == acquired  # the client's direction never turned to splice
     finally:
         pump.close()
         for s in (client, a, b, server):
