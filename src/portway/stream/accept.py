@@ -77,6 +77,8 @@ class _AsyncioAcceptor(Listener):
         self.in_burst = False
         self.refused = 0
         self.tasks: set[asyncio.Task[Any]] = set()
+        # An int, read once: `sock.family` builds an AddressFamily enum on every access.
+        self.family = int(sock.family)
         self.batch = _BATCH if on_socket is None else _RAW_BATCH
         loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -116,7 +118,7 @@ class _AsyncioAcceptor(Listener):
 
     def _hand_over(self, on_socket: SocketHandler, fd: int, addr: Any) -> None:
         try:
-            conn = _socket.socket(self.sock.family, socket.SOCK_STREAM, 0, fd)
+            conn = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
         except OSError:
             os.close(fd)
             return

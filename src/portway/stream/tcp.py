@@ -38,6 +38,7 @@ from portway.stream import splice
 from portway.stream.accept import Listener, serve_tcp, serve_tcp_sockets
 from portway.stream.base import Address, Direction, Hook, addr_str
 from portway.stream.endpoint import Endpoint
+from portway.stream.epollset import epoll_set_for
 from portway.stream.resolve import SockAddr
 from portway.stream.tcp_splice import SpliceConn
 
@@ -639,6 +640,9 @@ class TCPStream(Endpoint):
         #: Connections left that skip the raw engine's early read of the client (see
         #: `SpliceConn._read_client_now`): > 0 after a client had sent nothing yet.
         self.quiet_clients = 0
+        #: Where the raw engine's connections register readiness callbacks: the engine's epoll
+        #: set once the route splices (`_use_pipes`), else the loop.
+        self.io: splice.Readiness | None = None
         self.pre_dial: Hook | None = None
         self.on_read: Hook | None = None
         self._server: Listener | None = None
@@ -679,7 +683,7 @@ class TCPStream(Endpoint):
             self._attached = True
         if self.uses_splice_engine():
             if splice.HAVE_SPLICE:
-                self.pipe_pool = splice.pipe_pool_for(self.loop)
+                self._use_pipes()
             # Accepted sockets inherit TCP_NODELAY on Linux: one syscall per listener, not per client.
             with contextlib.suppress(OSError):
                 self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -700,7 +704,7 @@ class TCPStream(Endpoint):
             self.access.attach()
             self._attached = True
         if self.uses_splice_engine() and splice.HAVE_SPLICE:
-            self.pipe_pool = splice.pipe_pool_for(self.loop)
+            self._use_pipes()
         if self.tls is not None:
             self.tls.watch(self.loop)
         if self.idle_timeout > 0:
@@ -708,6 +712,13 @@ class TCPStream(Endpoint):
 
     def live(self) -> list[Any]:
         return list(self.conns)
+
+    def _use_pipes(self) -> None:
+        """The raw engine splices: take the loop's pipe pool, and its epoll set, looked up once
+        here rather than per connection."""
+        self.pipe_pool = splice.pipe_pool_for(self.loop)
+        with contextlib.suppress(OSError):  # no descriptor left for the set: the loop works
+            self.io = epoll_set_for(self.loop) or self.loop
 
     def uses_splice_engine(self) -> bool:
         """Whether connections run on the raw-socket engine (decided when serving starts)."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import _socket
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -38,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from portway.events import CloseReason, ConnectionRecord
 from portway.proxy_header import UNTRUSTED, HeaderOutcome, HeaderReader, HeaderRefused, relay_header
 from portway.stream.base import Address, addr_str
-from portway.stream.epollset import EPOLL_FAILED, EpollSet, epoll_set_for
+from portway.stream.epollset import EPOLL_FAILED, EpollSet
 from portway.stream.splice import CopyPump, SplicePump
 
 if TYPE_CHECKING:
@@ -73,6 +72,7 @@ class TCPRoute(Protocol):
     limited: bool
     pre_dial: Hook | None
     quiet_clients: int
+    io: Readiness | None
 
     @property
     def conns(self) -> set[Any]: ...
@@ -180,10 +180,7 @@ class SpliceConn:
         self.phase = _ADMITTING
         #: Where this connection's readiness callbacks live: the engine's own epoll set with the
         #: splice pump (one epoll_ctl per socket instead of libuv's handle churn), else the loop.
-        self.io: Readiness = stream.loop
-        if stream.pipe_pool is not None:
-            with contextlib.suppress(OSError):  # no descriptor left for the set: the loop works
-                self.io = epoll_set_for(stream.loop) or stream.loop
+        self.io: Readiness = stream.io or stream.loop
         self.idle = 0
         self.last_moved = 0
         stream.conns.add(self)
