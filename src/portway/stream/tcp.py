@@ -2,7 +2,8 @@
 
 Two engines move the bytes. On Linux, plain forwarding (no `on_read` hook) uses the raw-socket
 engine in `tcp_splice.py`: accepted socket, non-blocking dial, then `os.splice` through pooled
-pipes, so bytes never enter user space and a new connection costs a few loop callbacks.
+pipes once a direction moves bulk (small messages are copied), so bulk bytes never enter user
+space and a new connection costs a few loop callbacks.
 
 The transport engine below is the portable one, and the one `on_read` hooks need (they must see
 the bytes): two asyncio protocols wired to each other's transports; on uvloop the reads,

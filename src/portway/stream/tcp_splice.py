@@ -1,8 +1,9 @@
 """The raw-socket TCP engine: accepted socket in, non-blocking dial, then a splice pump.
 
-`TCPStream` uses this engine for plain forwarding on Linux (no `on_read` hook): bytes never
-enter user space, and a new connection costs a handful of loop callbacks instead of the
-transport engine's task, future, two transports and two protocol objects.
+`TCPStream` uses this engine for plain forwarding on Linux (no `on_read` hook): bulk bytes never
+enter user space (small messages are copied through one shared buffer, cheaper than a pipe
+round trip), and a new connection costs a handful of loop callbacks instead of the transport
+engine's task, future, two transports and two protocol objects.
 
 One `SpliceConn` per connection, in four phases, each driven by loop callbacks (never a task,
 except for an async `pre_dial` hook):
@@ -18,7 +19,10 @@ except for an async `pre_dial` hook):
    what it can make us hold.
 3. **Initial bytes** (admission only): a relay PROXY header, then the bytes read past the
    received header, are sent before the pump starts, so nothing can overtake them.
-4. **Pump**: `SplicePump` relays both ways with half-close. When it ends, both sockets are closed
+4. **Pump**: `SplicePump` relays both ways with half-close. It starts by reading the client at
+   once (most clients speak first, so their bytes are already queued: one wake-up saved; a
+   route whose clients wait for a banner stops trying, see `_read_client_now`). When it ends,
+   both sockets are closed
    here, exactly once, after every reader and writer on them has been removed: uvloop misbehaves
    on callbacks left registered on a closed (or reused) descriptor.
 """
