@@ -19,7 +19,7 @@ import pytest
 from portway.stream import HookContext, TCPStream
 from portway.stream.splice import SplicePump
 from portway.stream.tcp import ENGINE_ENV, HIGH_WATER, _Client
-from portway.stream.tcp_splice import SpliceConn
+from portway.stream.tcp_splice import DialWatch, SpliceConn
 from tests.targets import TCPEchoTarget
 
 
@@ -194,6 +194,79 @@ async def test_server_speaks_first_protocol_skips_the_early_read(engine: str) ->
     finally:
         await stream.close()
         server.close()
+
+
+class _Dialing:
+    """Stands in for a SpliceConn whose dial is being timed."""
+
+    def __init__(self, name: str, fired: list[tuple[str, float]], done: asyncio.Future[None] | None = None):
+        self.name, self.fired, self.done = name, fired, done
+
+    def _dial_expired(self) -> None:
+        self.fired.append((self.name, asyncio.get_running_loop().time()))
+        if self.done is not None:
+            self.done.set_result(None)
+
+
+async def test_dial_watch_expires_each_pending_dial_at_its_deadline(engine: str) -> None:
+    """One timer for all of a route's connect deadlines: a dial that finished (discarded) never
+    expires, the others expire in order and not before their own deadline."""
+    if engine != "splice":
+        pytest.skip("the raw engine's dial timing")
+    loop = asyncio.get_running_loop()
+    fired: list[tuple[str, float]] = []
+    last_done: asyncio.Future[None] = loop.create_future()
+    watch = DialWatch(loop, 0.05)
+    finished, slow, slower = (
+        _Dialing("finished", fired),
+        _Dialing("slow", fired),
+        _Dialing("slower", fired, last_done),
+    )
+    start = loop.time()
+    watch.add(finished)  # type: ignore[arg-type]
+    watch.add(slow)  # type: ignore[arg-type]
+    watch.discard(finished)  # type: ignore[arg-type]
+    second: asyncio.Future[None] = loop.create_future()
+    loop.call_later(0.02, second.set_result, None)
+    await second
+    watch.add(slower)  # type: ignore[arg-type]
+    added_slower = loop.time()
+    await asyncio.wait_for(last_done, 5)
+    assert [name for name, _ in fired] == ["slow", "slower"]
+    assert fired[0][1] >= start + 0.05 - 0.005  # the loop's clock resolution
+    assert fired[1][1] >= added_slower + 0.05 - 0.005
+    assert len(watch) == 0
+
+
+async def test_dials_to_a_black_hole_all_time_out() -> None:
+    """Several dials pending at once under one watch timer: every client is closed in time."""
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    port = blackhole.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # fill the (tiny) accept queue so further SYNs are dropped
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(("127.0.0.1", port))
+        fillers.append(f)
+    stream = TCPStream("tcp4", "127.0.0.1:0", f"127.0.0.1:{port}", connect_timeout=0.3)
+    await stream.listen_and_serve()
+    try:
+        clients = [await connect(stream) for _ in range(4)]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for reader, _ in clients:
+            assert await asyncio.wait_for(reader.read(-1), 5) == b""
+        assert loop.time() - start < 3
+        for _, writer in clients:
+            writer.close()
+        assert not stream.conns
+    finally:
+        await stream.close()
+        for f in fillers:
+            f.close()
+        blackhole.close()
 
 
 async def test_200_concurrent_connections(proxy: TCPStream, tcp_echo: TCPEchoTarget) -> None:

@@ -41,7 +41,7 @@ from portway.stream.base import Address, Direction, Hook, addr_str
 from portway.stream.endpoint import Endpoint
 from portway.stream.epollset import epoll_set_for
 from portway.stream.resolve import SockAddr
-from portway.stream.tcp_splice import SpliceConn
+from portway.stream.tcp_splice import DialWatch, SpliceConn
 
 if TYPE_CHECKING:
     import ssl
@@ -644,6 +644,8 @@ class TCPStream(Endpoint):
         #: Where the raw engine's connections register readiness callbacks: the engine's epoll
         #: set once the route splices (`_use_pipes`), else the loop.
         self.io: splice.Readiness | None = None
+        #: The raw engine's connect deadlines (one timer for all dials; made on first use).
+        self.dial_watch: DialWatch | None = None
         self.pre_dial: Hook | None = None
         self.on_read: Hook | None = None
         self._server: Listener | None = None

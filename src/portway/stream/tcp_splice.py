@@ -77,6 +77,7 @@ class TCPRoute(Protocol):
     pre_dial: Hook | None
     quiet_clients: int
     io: Readiness | None
+    dial_watch: DialWatch | None
 
     @property
     def conns(self) -> set[Any]: ...
@@ -91,7 +92,7 @@ class TCPRoute(Protocol):
     def forget(self, conn: Any) -> None: ...
 
 
-__all__ = ["SpliceConn", "TCPRoute"]
+__all__ = ["DialWatch", "SpliceConn", "TCPRoute"]
 
 log = logging.getLogger("portway.tcp")
 
@@ -107,6 +108,51 @@ _QUIET_SKIP = 64
 
 #: Less time than this left of the connect timeout is none: fail rather than start a dial.
 _TIME_LEFT = 0.001
+
+
+class DialWatch:
+    """The connect deadlines of one route's dials, behind a single loop timer.
+
+    A timer per dial (`call_later` + `cancel`) cost 1.4 µs of a ~75 µs connection on uvloop,
+    for a deadline that almost never fires. Every dial of a route gets the same timeout, so
+    deadlines come in insertion order: a dict keeps them, a finished dial removes its entry,
+    and one timer, set for the oldest deadline, expires what is due and re-arms for the next.
+    Used for routes with one target; a pool's per-target shares still get their own timers.
+    """
+
+    __slots__ = ("_loop", "_pending", "_timeout", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._loop = loop
+        self._timeout = timeout
+        self._pending: dict[SpliceConn, float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, conn: SpliceConn) -> None:
+        """Start timing `conn`'s dial; `conn._dial_expired()` runs if it is still there at the end."""
+        deadline = self._loop.time() + self._timeout
+        self._pending[conn] = deadline
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._expire)
+
+    def discard(self, conn: SpliceConn) -> None:
+        self._pending.pop(conn, None)
+
+    def _expire(self) -> None:
+        self._timer = None
+        pending = self._pending
+        now = self._loop.time()
+        while pending:
+            conn, deadline = next(iter(pending.items()))
+            if deadline > now:
+                self._timer = self._loop.call_at(deadline, self._expire)
+                return
+            del pending[conn]
+            conn._dial_expired()
+
 
 # Phases; numbers so that "still before the pump" is one comparison.
 _ADMITTING = 0
@@ -146,6 +192,7 @@ class SpliceConn:
         "target_sock",
         "timer",
         "tried",
+        "watched",
     )
 
     def __init__(self, stream: TCPRoute, sock: socket.SocketType, peer: tuple[Any, ...]) -> None:
@@ -174,6 +221,8 @@ class SpliceConn:
         self.dialed_at = 0.0
         self.pump: SplicePump | CopyPump | None = None
         self.timer: asyncio.TimerHandle | None = None
+        #: True while the route's `DialWatch` times this connection's dial (one-target routes).
+        self.watched = False
         self.dial_task: asyncio.Task[None] | None = None
         #: Bytes that must reach the target before the pump starts (relay header, bytes after
         #: a received PROXY header); None when there are none.
@@ -330,7 +379,11 @@ class SpliceConn:
         if stream.observer is not None:
             self.dialed_at = stream.loop.time()
         if stream.pool.trivial:  # one target: its dial gets the whole connect timeout
-            self.timer = stream.loop.call_later(stream.connect_timeout, self._dial_expired)
+            watch = stream.dial_watch
+            if watch is None:
+                watch = stream.dial_watch = DialWatch(stream.loop, stream.connect_timeout)
+            watch.add(self)
+            self.watched = True
         else:
             self.deadline = stream.loop.time() + stream.connect_timeout
         self._next_target(None)
@@ -433,6 +486,9 @@ class SpliceConn:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.watched:
+            self.watched = False
+            stream.dial_watch.discard(self)  # type: ignore[union-attr]  # set when watched
         pool = stream.pool
         state = self.dialing
         assert state is not None
@@ -457,6 +513,7 @@ class SpliceConn:
 
     def _dial_expired(self) -> None:
         self.timer = None
+        self.watched = False
         if self.phase != _DIALING:
             return
         stream = self.stream
@@ -610,6 +667,9 @@ class SpliceConn:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.watched:
+            self.watched = False
+            stream.dial_watch.discard(self)  # type: ignore[union-attr]  # set when watched
         if self.dial_task is not None:
             task, self.dial_task = self.dial_task, None
             task.cancel()
