@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from portway.stream.epollset import HAVE_EPOLL, epoll_set_for
+from portway.stream.epollset import HAVE_EPOLL, EpollSet, epoll_set_for
 from portway.stream.splice import (
     HAVE_SPLICE,
     SMALL_READ,
@@ -303,32 +303,43 @@ class WakeCountingPump(SplicePump):
         super()._on_readable(d, unprompted)
 
 
+@asynccontextmanager
+async def on_set_sockets() -> AsyncIterator[tuple[EpollSet, list[socket.socket]]]:
+    """The loop's engine epoll set and ``client, a, b, server`` (as in `relayed`), for a pump
+    the test starts itself; the sockets leave the set and close afterwards."""
+    io = epoll_set_for(asyncio.get_running_loop())
+    assert io is not None
+    client, a = await tcp_pair()
+    b, server = await tcp_pair()
+    socks = [client, a, b, server]
+    try:
+        yield io, socks
+    finally:
+        for s in socks:
+            io.forget(s.fileno())
+            s.close()
+
+
 @on_epoll_set
 async def test_data_and_fin_queued_together_move_in_one_wakeup() -> None:
     """The event carrying the client's last bytes also says it sent FIN (EPOLLRDHUP): the pump
     reads on to the EOF and forwards bytes and FIN in the same callback, not in two."""
     loop = asyncio.get_running_loop()
-    io = epoll_set_for(loop)
-    assert io is not None
-    client, a = await tcp_pair()
-    b, server = await tcp_pair()
-    done: asyncio.Future[BaseException | None] = loop.create_future()
-    # On loopback the bytes and the FIN are queued on `a` by the time these calls return.
-    client.sendall(b"request" * 20)
-    client.shutdown(socket.SHUT_WR)
-    pump = WakeCountingPump(loop, a, b, done.set_result, io=io)
-    pump.start()
-    try:
-        assert await recv_all(server) == b"request" * 20
-        assert pump.wakeups[0] == 1
-        server.shutdown(socket.SHUT_WR)
-        assert await recv_all(client) == b""
-        assert await done is None
-    finally:
-        pump.close()
-        for s in (client, a, b, server):
-            io.forget(s.fileno())
-            s.close()
+    async with on_set_sockets() as (io, (client, a, b, server)):
+        done: asyncio.Future[BaseException | None] = loop.create_future()
+        # On loopback the bytes and the FIN are queued on `a` by the time these calls return.
+        client.sendall(b"request" * 20)
+        client.shutdown(socket.SHUT_WR)
+        pump = WakeCountingPump(loop, a, b, done.set_result, io=io)
+        pump.start()
+        try:
+            assert await recv_all(server) == b"request" * 20
+            assert pump.wakeups[0] == 1
+            server.shutdown(socket.SHUT_WR)
+            assert await recv_all(client) == b""
+            assert await done is None
+        finally:
+            pump.close()
 
 
 async def peer_closed(sock: socket.socket) -> None:
@@ -350,34 +361,28 @@ async def test_fin_behind_more_segments_than_a_pipe_holds_loses_nothing() -> Non
     """A short splice read is not proof the socket is empty (a one-page pipe takes one segment
     per read): with FIN seen, the pump reads to the real EOF, whatever the segmentation."""
     loop = asyncio.get_running_loop()
-    io = epoll_set_for(loop)
-    assert io is not None
     pool = PipePool(max_idle=2, pipe_size=4096)
-    client, a = await tcp_pair()
-    b, server = await tcp_pair()
-    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    bulk = os.urandom(2 * SMALL_READ)  # fills the copy buffer: the direction turns to splice
-    client.sendall(bulk)
-    tail = os.urandom(400 * 30)
-    for i in range(0, len(tail), 30):
-        client.sendall(tail[i : i + 30])
-    sent = bulk + tail
-    client.shutdown(socket.SHUT_WR)
-    await peer_closed(a)  # every segment and the FIN are queued before the pump starts
-    done: asyncio.Future[BaseException | None] = loop.create_future()
-    pump = SplicePump(loop, a, b, done.set_result, pool, io=io)
-    pump.start()
-    try:
-        got = await recv_all(server)
-        assert hashlib.sha256(got).digest() == hashlib.sha256(sent).digest()
-        server.shutdown(socket.SHUT_WR)
-        assert await done is None
-    finally:
-        pump.close()
-        for s in (client, a, b, server):
-            io.forget(s.fileno())
-            s.close()
-        pool.close()
+    async with on_set_sockets() as (io, (client, a, b, server)):
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        bulk = os.urandom(2 * SMALL_READ)  # fills the copy buffer: the direction turns to splice
+        client.sendall(bulk)
+        tail = os.urandom(400 * 30)
+        for i in range(0, len(tail), 30):
+            client.sendall(tail[i : i + 30])
+        sent = bulk + tail
+        client.shutdown(socket.SHUT_WR)
+        await peer_closed(a)  # every segment and the FIN are queued before the pump starts
+        done: asyncio.Future[BaseException | None] = loop.create_future()
+        pump = SplicePump(loop, a, b, done.set_result, pool, io=io)
+        pump.start()
+        try:
+            got = await recv_all(server)
+            assert hashlib.sha256(got).digest() == hashlib.sha256(sent).digest()
+            server.shutdown(socket.SHUT_WR)
+            assert await done is None
+        finally:
+            pump.close()
+            pool.close()
 
 
 class CountingPipePool(PipePool):
@@ -393,32 +398,26 @@ async def test_small_messages_are_copied_and_bulk_is_spliced() -> None:
     """Request/response-sized messages never take a pipe; the first read that fills the copy
     buffer turns that direction (only that one) to splice, and every byte still arrives."""
     loop = asyncio.get_running_loop()
-    io = epoll_set_for(loop)
-    assert io is not None
     pool = CountingPipePool()
-    client, a = await tcp_pair()
-    b, server = await tcp_pair()
-    done: asyncio.Future[BaseException | None] = loop.create_future()
-    pump = SplicePump(loop, a, b, done.set_result, pool, io=io)
-    pump.start()
-    try:
-        for _ in range(20):
-            await loop.sock_sendall(client, b"GET / HTTP/1.1\r\n\r\n")
-            assert await recv_exactly(server, 18) == b"GET / HTTP/1.1\r\n\r\n"
-            await loop.sock_sendall(server, b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 300)
-            assert len(await recv_exactly(client, 19 + 300)) == 319
-        assert getattr(pool, "acquired", 0) == 0
-        body = os.urandom(4 << 20)
-        got, _ = await asyncio.gather(recv_exactly(client, len(body)), loop.sock_sendall(server, body))
-        assert hashlib.sha256(got).digest() == hashlib.sha256(body).digest()
-        assert pool.acquired > 0
-        acquired = pool.acquired
-        await loop.sock_sendall(client, b"still copied")
-        assert await recv_exactly(server, 12) == b"still copied"
-        assert pool.acquired == acquired  # the client's direction never turned to splice
-    finally:
-        pump.close()
-        for s in (client, a, b, server):
-            io.forget(s.fileno())
-            s.close()
-        pool.close()
+    async with on_set_sockets() as (io, (client, a, b, server)):
+        done: asyncio.Future[BaseException | None] = loop.create_future()
+        pump = SplicePump(loop, a, b, done.set_result, pool, io=io)
+        pump.start()
+        try:
+            for _ in range(20):
+                await loop.sock_sendall(client, b"GET / HTTP/1.1\r\n\r\n")
+                assert await recv_exactly(server, 18) == b"GET / HTTP/1.1\r\n\r\n"
+                await loop.sock_sendall(server, b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 300)
+                assert len(await recv_exactly(client, 19 + 300)) == 319
+            assert getattr(pool, "acquired", 0) == 0
+            body = os.urandom(4 << 20)
+            got, _ = await asyncio.gather(recv_exactly(client, len(body)), loop.sock_sendall(server, body))
+            assert hashlib.sha256(got).digest() == hashlib.sha256(body).digest()
+            assert pool.acquired > 0
+            acquired = pool.acquired
+            await loop.sock_sendall(client, b"still copied")
+            assert await recv_exactly(server, 12) == b"still copied"
+            assert pool.acquired == acquired  # the client's direction never turned to splice
+        finally:
+            pump.close()
+            pool.close()

@@ -11,7 +11,8 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import cast
 
 import pytest
@@ -43,6 +44,22 @@ async def connect(stream: TCPStream) -> tuple[asyncio.StreamReader, asyncio.Stre
     addr = stream.local_addr
     assert addr is not None
     return await asyncio.open_connection(addr[0], addr[1])
+
+
+@asynccontextmanager
+async def proxy_to(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[TCPStream]:
+    """A TCPStream in front of an asyncio server running `handle`; both closed afterwards."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    stream = TCPStream("tcp4", "127.0.0.1:0", f"127.0.0.1:{port}")
+    await stream.listen_and_serve()
+    try:
+        yield stream
+    finally:
+        await stream.close()
+        server.close()
 
 
 async def closed_by_proxy(reader: asyncio.StreamReader) -> None:
@@ -123,20 +140,13 @@ async def test_half_close_client_still_gets_reply() -> None:
         await w.drain()
         w.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    stream = TCPStream("tcp4", "127.0.0.1:0", f"127.0.0.1:{port}")
-    await stream.listen_and_serve()
-    try:
+    async with proxy_to(handle) as stream:
         reader, writer = await connect(stream)
         writer.write(b"question")
         writer.write_eof()
         reply = await asyncio.wait_for(reader.read(-1), 10)
         assert reply == b"reply to question" + b"." * 200_000
         writer.close()
-    finally:
-        await stream.close()
-        server.close()
 
 
 async def test_half_close_by_target_keeps_upstream_flowing() -> None:
@@ -149,11 +159,7 @@ async def test_half_close_by_target_keeps_upstream_flowing() -> None:
         got.set_result(await r.read(-1))
         w.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    stream = TCPStream("tcp4", "127.0.0.1:0", f"127.0.0.1:{port}")
-    await stream.listen_and_serve()
-    try:
+    async with proxy_to(handle) as stream:
         reader, writer = await connect(stream)
         assert await asyncio.wait_for(reader.read(-1), 5) == b"banner"  # EOF relayed to the client
         body = os.urandom(1_000_000)
@@ -161,9 +167,6 @@ async def test_half_close_by_target_keeps_upstream_flowing() -> None:
         writer.write_eof()
         assert await asyncio.wait_for(got, 10) == body
         writer.close()
-    finally:
-        await stream.close()
-        server.close()
 
 
 async def test_server_speaks_first_protocol_skips_the_early_read(engine: str) -> None:
@@ -178,11 +181,7 @@ async def test_server_speaks_first_protocol_skips_the_early_read(engine: str) ->
         await w.drain()
         w.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    stream = TCPStream("tcp4", "127.0.0.1:0", f"127.0.0.1:{port}")
-    await stream.listen_and_serve()
-    try:
+    async with proxy_to(handle) as stream:
         for _ in range(2):
             reader, writer = await connect(stream)
             assert await asyncio.wait_for(reader.readline(), 5) == b"SSH-2.0-test\r\n"
@@ -191,9 +190,6 @@ async def test_server_speaks_first_protocol_skips_the_early_read(engine: str) ->
             writer.close()
         if engine == "splice":
             assert stream.quiet_clients == 64 - 1  # one early read failed, the next was skipped
-    finally:
-        await stream.close()
-        server.close()
 
 
 class _Dialing:
@@ -238,37 +234,6 @@ async def test_dial_watch_expires_each_pending_dial_at_its_deadline(engine: str)
     assert len(watch) == 0
 
 
-async def test_dials_to_a_black_hole_all_time_out() -> None:
-    """Several dials pending at once under one watch timer: every client is closed in time."""
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
-    port = blackhole.getsockname()[1]
-    fillers = []
-    for _ in range(3):  # fill the (tiny) accept queue so further SYNs are dropped
-        f = socket.socket()
-        f.setblocking(False)
-        f.connect_ex(("127.0.0.1", port))
-        fillers.append(f)
-    stream = TCPStream("tcp4", "127.0.0.1:0", f"127.0.0.1:{port}", connect_timeout=0.3)
-    await stream.listen_and_serve()
-    try:
-        clients = [await connect(stream) for _ in range(4)]
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        for reader, _ in clients:
-            assert await asyncio.wait_for(reader.read(-1), 5) == b""
-        assert loop.time() - start < 3
-        for _, writer in clients:
-            writer.close()
-        assert not stream.conns
-    finally:
-        await stream.close()
-        for f in fillers:
-            f.close()
-        blackhole.close()
-
-
 async def test_200_concurrent_connections(proxy: TCPStream, tcp_echo: TCPEchoTarget) -> None:
     async def one(i: int) -> bytes:
         reader, writer = await connect(proxy)
@@ -301,8 +266,10 @@ async def test_target_down_closes_client_promptly(caplog: pytest.LogCaptureFixtu
     assert failures[0].dst == f"127.0.0.1:{dead_port}"  # type: ignore[attr-defined]
 
 
-async def test_connect_timeout() -> None:
-    """A target whose accept queue is full never completes the handshake: we give up in time."""
+@pytest.mark.parametrize("clients", [1, 4])
+async def test_connect_timeout(clients: int) -> None:
+    """A target whose accept queue is full never completes the handshake: we give up in time,
+    also with several dials pending at once (one `DialWatch` timer for all of them)."""
     blackhole = socket.socket()
     blackhole.bind(("127.0.0.1", 0))
     blackhole.listen(0)
@@ -316,12 +283,15 @@ async def test_connect_timeout() -> None:
     stream = TCPStream("tcp4", "127.0.0.1:0", f"127.0.0.1:{port}", connect_timeout=0.3)
     await stream.listen_and_serve()
     try:
-        reader, writer = await connect(stream)
+        connected = [await connect(stream) for _ in range(clients)]
         loop = asyncio.get_running_loop()
         start = loop.time()
-        assert await asyncio.wait_for(reader.read(-1), 5) == b""
+        for reader, _ in connected:
+            assert await asyncio.wait_for(reader.read(-1), 5) == b""
         assert loop.time() - start < 3
-        writer.close()
+        for _, writer in connected:
+            writer.close()
+        assert not stream.conns
     finally:
         await stream.close()
         for f in fillers:
