@@ -6,11 +6,20 @@ We create sockets ourselves rather than letting the event loop do it, to control
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 from portway.addr import Network, family_of, format_hostport
 from portway.errors import BindError
+from portway.logs import BurstLog
+
+if TYPE_CHECKING:
+    from portway.events import Observer
+    from portway.matching import MatchTable
+    from portway.stream.base import Address
 
 _REASONS = {
     errno.EADDRINUSE: "address already in use",
@@ -75,3 +84,64 @@ def bind_listener(
     network pins IPv6); raises BindError naming `name` and the address."""
     family, v6only = listen_family(host, family_of(network))
     return bind_socket(host, port, family=family, kind=kind, v6only=v6only, reuse_port=reuse_port, name=name)
+
+
+S = TypeVar("S")
+
+
+class PortGroup(Generic[S]):
+    """What the shared TCP and UDP listeners have in common: the routes (streams of type `S`)
+    that share one address, their match table, the one bound socket, and the names that logs
+    and bind errors use."""
+
+    #: socket.SOCK_STREAM or socket.SOCK_DGRAM.
+    KIND: ClassVar[int]
+
+    def __init__(
+        self,
+        network: Network,
+        host: str,
+        port: int,
+        routes: Mapping[str, S],
+        table: MatchTable,
+        *,
+        peek_timeout: float,
+        reuse_port: bool,
+        observer: Observer | None,
+    ) -> None:
+        self.network = network
+        self.host = host
+        self.port = port
+        self.routes = dict(routes)
+        self.table = table
+        self.peek_timeout = peek_timeout
+        self.reuse_port = reuse_port
+        self.observer = observer
+        self.name = format_hostport(host, port)
+        self.fields = {"listen": self.name, "routes": ",".join(self.routes)}
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by _bind()
+        self._sock: socket.socket | None = None
+        self._failures = BurstLog(5.0)
+
+    @property
+    def local_addr(self) -> Address | None:
+        if self._sock is None:
+            return None
+        host, port = self._sock.getsockname()[:2]
+        return (host, port)
+
+    def _bind(self) -> socket.socket | None:
+        """Bind the group's socket on the running loop, once: None if it is bound already.
+        Raises BindError naming the routes and the address."""
+        if self._sock is not None:
+            return None
+        self.loop = asyncio.get_running_loop()
+        self._sock = bind_listener(
+            self.network,
+            self.host,
+            self.port,
+            self.KIND,
+            reuse_port=self.reuse_port,
+            name="+".join(self.routes),
+        )
+        return self._sock

@@ -34,9 +34,8 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from portway.addr import Network, format_hostport
+from portway.addr import Network
 from portway.events import CloseReason, ConnectionRecord, Observer
-from portway.logs import BurstLog
 from portway.matching import MatchTable
 from portway.proxy_header import UNTRUSTED, HeaderDone, HeaderOutcome, HeaderReader
 from portway.sniff import (
@@ -50,7 +49,7 @@ from portway.sniff import (
 from portway.stream.accept import Listener, serve_tcp_sockets
 from portway.stream.base import Address, addr_str
 from portway.stream.handoff import serve_accepted
-from portway.stream.listen import bind_listener
+from portway.stream.listen import PortGroup
 
 if TYPE_CHECKING:
     from portway.access import AccessControl
@@ -62,8 +61,10 @@ __all__ = ["SharedListener"]
 log = logging.getLogger("portway.shared")
 
 
-class SharedListener:
+class SharedListener(PortGroup["TCPStream"]):
     """The listening socket of a group of routes on one address (see the module docstring)."""
+
+    KIND = socket.SOCK_STREAM
 
     def __init__(
         self,
@@ -79,50 +80,31 @@ class SharedListener:
         reuse_port: bool = False,
         observer: Observer | None = None,
     ) -> None:
-        self.network = network
-        self.host = host
-        self.port = port
-        self.routes = dict(routes)
-        self.table = table
-        self.peek_timeout = peek_timeout
+        super().__init__(
+            network,
+            host,
+            port,
+            routes,
+            table,
+            peek_timeout=peek_timeout,
+            reuse_port=reuse_port,
+            observer=observer,
+        )
         self.proxy_protocol = proxy_protocol
         self.access = access
-        self.reuse_port = reuse_port
-        self.observer = observer
-        self.name = format_hostport(host, port)
-        self.fields = {"listen": self.name, "routes": ",".join(self.routes)}
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in prepare()
         self.peeking: set[_Peek] = set()
-        self._sock: socket.socket | None = None
         self._server: Listener | None = None
         self._attached = False
-        self._failures = BurstLog(5.0)
         #: Where `MSG_PEEK` copies to: one buffer per listener (the loop is single-threaded and the
         #: sniffer keeps its own copy), not a 16 KiB allocation per connection.
         self.scratch = bytearray(max(HELLO_PREFIX_LIMIT, HTTP_HEAD_LIMIT, REQUEST_LINE_LIMIT))
 
-    @property
-    def local_addr(self) -> Address | None:
-        if self._sock is None:
-            return None
-        host, port = self._sock.getsockname()[:2]
-        return (host, port)
-
     def prepare(self) -> None:
         """Bind (BindError naming the routes and the address); serving starts in `serve`."""
-        if self._sock is not None:
-            return
-        self.loop = asyncio.get_running_loop()
-        self._sock = bind_listener(
-            self.network,
-            self.host,
-            self.port,
-            socket.SOCK_STREAM,
-            reuse_port=self.reuse_port,
-            name="+".join(self.routes),
-        )
-        with contextlib.suppress(OSError):  # inherited by accepted sockets on Linux
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = self._bind()
+        if sock is not None:
+            with contextlib.suppress(OSError):  # inherited by accepted sockets on Linux
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def serve(self) -> None:
         self.prepare()

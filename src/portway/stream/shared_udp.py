@@ -29,12 +29,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from portway.addr import Network, format_hostport
-from portway.logs import BurstLog
 from portway.matching import MatchTable
 from portway.quic import MAX_INITIAL_DATAGRAMS, QuicSniffer
 from portway.sniff import Sniffed, SniffError
-from portway.stream.base import Address
-from portway.stream.listen import bind_listener
+from portway.stream.listen import PortGroup
 from portway.stream.udp import SOCKET_BUFFER
 
 if TYPE_CHECKING:
@@ -92,8 +90,10 @@ class _Protocol(asyncio.DatagramProtocol):
             log.debug("listener error", extra={**self.listener.fields, "error": str(exc)})
 
 
-class SharedUDPListener:
+class SharedUDPListener(PortGroup["UDPStream"]):
     """The UDP socket of a group of routes on one address (see the module docstring)."""
+
+    KIND = socket.SOCK_DGRAM
 
     def __init__(
         self,
@@ -109,52 +109,34 @@ class SharedUDPListener:
         max_pending: int = MAX_PENDING,
         pending_bytes: int = PENDING_BYTES,
     ) -> None:
-        self.network = network
-        self.host = host
-        self.port = port
-        self.routes = dict(routes)
-        self.table = table
-        self.peek_timeout = peek_timeout
-        self.reuse_port = reuse_port
-        self.observer = observer
+        super().__init__(
+            network,
+            host,
+            port,
+            routes,
+            table,
+            peek_timeout=peek_timeout,
+            reuse_port=reuse_port,
+            observer=observer,
+        )
         self.max_pending = max_pending
         self.pending_bytes = pending_bytes
-        self.name = format_hostport(host, port)
-        self.fields = {"listen": self.name, "routes": ",".join(self.routes)}
         #: Client → the stream of its route. Bounded by the routes' session capacities.
         self.pins: dict[Any, UDPStream] = {}
         self.max_pins = sum(s.sessions.capacity for s in self.routes.values()) + max_pending
         self.pending: dict[Any, _Pending] = {}
-        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in prepare()
         self.serving = False
-        self._sock: socket.socket | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        self._failures = BurstLog(5.0)
-
-    @property
-    def local_addr(self) -> Address | None:
-        if self._sock is None:
-            return None
-        host, port = self._sock.getsockname()[:2]
-        return (host, port)
 
     def prepare(self) -> None:
         """Bind (BindError naming the routes and the address); `open` then `serve` start it."""
-        if self._sock is not None:
+        sock = self._bind()
+        if sock is None:
             return
-        self.loop = asyncio.get_running_loop()
-        self._sock = bind_listener(
-            self.network,
-            self.host,
-            self.port,
-            socket.SOCK_DGRAM,
-            reuse_port=self.reuse_port,
-            name="+".join(self.routes),
-        )
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             with contextlib.suppress(OSError):
-                self._sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
 
     async def open(self) -> None:
         """Wrap the socket in a transport and lend it to every route (nothing is served before
