@@ -149,17 +149,7 @@ class SharedListener(PortGroup["TCPStream"]):
         if observer is not None:
             observer.accepted(self.name, "tcp")
             observer.closed(
-                ConnectionRecord(
-                    route=self.name,
-                    protocol="tcp",
-                    client=client,
-                    target=None,
-                    started=started,
-                    duration=max(0.0, time.time() - started),
-                    bytes_client_to_target=0,
-                    bytes_target_to_client=0,
-                    reason=close_reason,
-                )
+                ConnectionRecord.ending_now(self.name, "tcp", client, None, started, 0, 0, close_reason)
             )
 
 
