@@ -1,4 +1,4 @@
-"""Zero-copy relay between two connected, non-blocking TCP sockets.
+"""Relay between two connected, non-blocking TCP sockets: zero-copy for bulk, copied when small.
 
 Bulk bytes move socket -> pipe -> socket with ``os.splice`` and never enter user space: no
 ``bytes`` objects, no per-chunk allocation, one syscall per direction per chunk. Small messages
