@@ -11,12 +11,35 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 
-from portway.stream.epollset import HAVE_EPOLL, EpollSet, epoll_set_for
+from portway.stream.epollset import (
+    COMPILED,
+    HAVE_EPOLL,
+    AnyEpollSet,
+    EpollSet,
+    compiled,
+    compiled_enabled,
+    epoll_set_for,
+)
 
 pytestmark = pytest.mark.skipif(not HAVE_EPOLL, reason="select.epoll is Linux-only")
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("python"),
+        pytest.param("compiled", marks=pytest.mark.skipif(not COMPILED, reason="_fastpath not built")),
+    ]
+)
+async def es(request: pytest.FixtureRequest) -> AsyncIterator[AnyEpollSet]:
+    """A fresh epoll set of each kind, the one in Python and the compiled one, on this loop."""
+    loop = asyncio.get_running_loop()
+    s: AnyEpollSet = EpollSet(loop) if request.param == "python" else compiled.EpollSet(loop)
+    yield s
+    s.close()
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
@@ -26,10 +49,20 @@ def pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-async def test_one_set_per_loop_reports_readable_then_stops_after_remove() -> None:
+async def test_one_set_per_loop_of_the_kind_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     loop = asyncio.get_running_loop()
-    es = epoll_set_for(loop)
-    assert es is not None and epoll_set_for(loop) is es
+    first = epoll_set_for(loop)
+    assert first is not None and epoll_set_for(loop) is first
+    assert isinstance(first, compiled.EpollSet if compiled_enabled() else EpollSet)
+    first.close()
+    monkeypatch.setenv("PORTWAY_FASTPATH", "0")  # a closed set is replaced, here by the Python one
+    second = epoll_set_for(loop)
+    assert isinstance(second, EpollSet) and epoll_set_for(loop) is second
+    second.close()
+
+
+async def test_reports_readable_then_stops_after_remove(es: AnyEpollSet) -> None:
+    loop = asyncio.get_running_loop()
     a, b = pair()
     got: asyncio.Queue[bytes] = asyncio.Queue()
     try:
@@ -52,9 +85,7 @@ async def test_one_set_per_loop_reports_readable_then_stops_after_remove() -> No
         b.close()
 
 
-async def test_writer_fires_and_reader_and_writer_share_one_descriptor() -> None:
-    es = epoll_set_for(asyncio.get_running_loop())
-    assert es is not None
+async def test_writer_fires_and_reader_and_writer_share_one_descriptor(es: AnyEpollSet) -> None:
     a, b = pair()
     events: asyncio.Queue[str] = asyncio.Queue()
 
@@ -74,11 +105,9 @@ async def test_writer_fires_and_reader_and_writer_share_one_descriptor() -> None
         b.close()
 
 
-async def test_changes_inside_a_batch_are_applied_after_it() -> None:
+async def test_changes_inside_a_batch_are_applied_after_it(es: AnyEpollSet) -> None:
     """A reader that swaps itself for a writer (as the pump does under backpressure) keeps
     working: the swap is one MOD after the batch, and the writer then runs."""
-    es = epoll_set_for(asyncio.get_running_loop())
-    assert es is not None
     a, b = pair()
     done = asyncio.Event()
 
@@ -95,20 +124,18 @@ async def test_changes_inside_a_batch_are_applied_after_it() -> None:
         es.add_reader(a.fileno(), on_read)
         b.send(b"x")
         await done.wait()
-        assert a.fileno() not in es._watches  # no interest left: removed from the kernel's set
+        assert not es.watching(a.fileno())  # no interest left: removed from the kernel's set
     finally:
         es.forget(a.fileno())
         a.close()
         b.close()
 
 
-async def test_descriptor_forgotten_in_a_batch_gets_no_stale_callback() -> None:
+async def test_descriptor_forgotten_in_a_batch_gets_no_stale_callback(es: AnyEpollSet) -> None:
     """The first ready descriptor's callback forgets the second (as a connection does before
     closing it) and registers its number again (as a redial reusing the number would); the
     second's pending event must not reach the new callback in the same batch. Being
     level-triggered, the new owner hears of its readiness on the next batch instead."""
-    loop = asyncio.get_running_loop()
-    es = EpollSet(loop)
     a1, b1 = pair()
     a2, b2 = pair()
     calls: list[str] = []
@@ -129,22 +156,19 @@ async def test_descriptor_forgotten_in_a_batch_gets_no_stale_callback() -> None:
         es.add_reader(a2.fileno(), second)
         b1.send(b"x")
         b2.send(b"y")
-        es._on_ready()  # one batch holding both descriptors, in the kernel's order
+        es.dispatch()  # one batch holding both descriptors, in the kernel's order
         assert calls in (["first"], ["second", "first"])
-        es._on_ready()
+        es.dispatch()
         if calls[0] == "first":
             assert calls == ["first", "new owner"]
     finally:
-        es.close()
         for s in (a1, b1, a2, b2):
             s.close()
 
 
-async def test_a_number_closed_without_forget_and_reused_still_works() -> None:
+async def test_a_number_closed_without_forget_and_reused_still_works(es: AnyEpollSet) -> None:
     """A bug elsewhere (a close without `forget`) must not break the next socket that gets the
     same number: the kernel dropped the old registration, so MOD fails and ADD is used."""
-    es = epoll_set_for(asyncio.get_running_loop())
-    assert es is not None
     a, b = pair()
     c, d = pair()
     number = a.fileno()

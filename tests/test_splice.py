@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from portway.stream.epollset import HAVE_EPOLL, EpollSet, epoll_set_for
+from portway.stream.epollset import COMPILED, HAVE_EPOLL, AnyEpollSet, EpollSet, compiled, epoll_set_for
 from portway.stream.splice import (
     HAVE_SPLICE,
     SMALL_READ,
@@ -41,9 +41,14 @@ except ImportError:  # pragma: no cover
 LOOPS: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
 if uvloop is not None:
     LOOPS.append(pytest.param(uvloop.new_event_loop, id="uvloop"))
+#: The pumps: `SplicePump` and `CopyPump` on the loop's readers, and the compiled pump on the
+#: compiled epoll set (`_fastpath.c`), which the raw engine uses wherever it was built.
 MODES = [
-    pytest.param(True, id="splice", marks=pytest.mark.skipif(not HAVE_SPLICE, reason="no os.splice")),
-    pytest.param(False, id="copy"),
+    pytest.param("splice", id="splice", marks=pytest.mark.skipif(not HAVE_SPLICE, reason="no os.splice")),
+    pytest.param("copy", id="copy"),
+    pytest.param(
+        "compiled", id="compiled", marks=pytest.mark.skipif(not COMPILED, reason="_fastpath not built")
+    ),
 ]
 
 
@@ -70,7 +75,7 @@ async def tcp_pair() -> tuple[socket.socket, socket.socket]:
 class Relay:
     client: socket.socket
     server: socket.socket
-    pump: SplicePump | CopyPump
+    pump: Any
     done: asyncio.Future[BaseException | None]
     socks: list[socket.socket] = field(default_factory=list)
 
@@ -105,24 +110,34 @@ class CountingCopyPump(CopyPump):
 
 
 @asynccontextmanager
-async def relayed(use_splice: bool, *, counting: bool = False) -> AsyncIterator[Relay]:
+async def relayed(mode: str, *, counting: bool = False) -> AsyncIterator[Relay]:
+    """A pump of `mode` (see MODES) between fresh connected pairs, started."""
     loop = asyncio.get_running_loop()
     client, a = await tcp_pair()
     b, server = await tcp_pair()
     done: asyncio.Future[BaseException | None] = loop.create_future()
-    pump: SplicePump | CopyPump
-    if counting:
-        pump = (CountingSplicePump if use_splice else CountingCopyPump)(loop, a, b, done.set_result)
+    pump: Any
+    io = None
+    if mode == "compiled":
+        io = compiled.EpollSet(loop)
+        pump = compiled.Pump(io, a, b, done.set_result, pipe_pool_for(loop))
+        pump.start()
+    elif counting:
+        pump = (CountingSplicePump if mode == "splice" else CountingCopyPump)(loop, a, b, done.set_result)
         pump.start()
     else:
-        pump = start_pump(loop, a, b, done.set_result, use_splice=use_splice)
+        pump = start_pump(loop, a, b, done.set_result, use_splice=mode == "splice")
     relay = Relay(client, server, pump, done, [client, a, b, server])
     try:
         yield relay
     finally:
         pump.close()
         for s in relay.socks:
+            if io is not None:
+                io.forget(s.fileno())
             s.close()
+        if io is not None:
+            io.close()
 
 
 async def recv_all(sock: socket.socket) -> bytes:
@@ -149,14 +164,14 @@ async def send_and_close(sock: socket.socket, data: bytes) -> None:
     sock.shutdown(socket.SHUT_WR)
 
 
-def both(loop_test: Callable[[bool], Awaitable[None]]) -> Callable[..., None]:
-    """Turn ``async def t(use_splice)`` into a test parametrised over loops and pump modes."""
+def both(loop_test: Callable[[str], Awaitable[None]]) -> Callable[..., None]:
+    """Turn ``async def t(mode)`` into a test parametrised over loops and pumps (MODES)."""
 
-    @pytest.mark.parametrize("use_splice", MODES)
+    @pytest.mark.parametrize("mode", MODES)
     @pytest.mark.parametrize("loop_factory", LOOPS)
-    def wrapper(loop_factory: Callable[[], asyncio.AbstractEventLoop], use_splice: bool) -> None:
+    def wrapper(loop_factory: Callable[[], asyncio.AbstractEventLoop], mode: str) -> None:
         async def body() -> None:
-            await loop_test(use_splice)
+            await loop_test(mode)
 
         run(loop_factory, body())
 
@@ -166,10 +181,10 @@ def both(loop_test: Callable[[bool], Awaitable[None]]) -> Callable[..., None]:
 
 
 @both
-async def test_bytes_arrive_exactly_in_both_directions_at_once(use_splice: bool) -> None:
+async def test_bytes_arrive_exactly_in_both_directions_at_once(mode: str) -> None:
     """Several MiB each way, concurrently: every byte arrives, in order, and EOF is forwarded."""
     up, down = os.urandom(6 << 20), os.urandom(5 << 20)
-    async with relayed(use_splice) as r:
+    async with relayed(mode) as r:
         got_up, got_down, _, _ = await asyncio.gather(
             recv_all(r.server),
             recv_all(r.client),
@@ -183,10 +198,10 @@ async def test_bytes_arrive_exactly_in_both_directions_at_once(use_splice: bool)
 
 
 @both
-async def test_half_close_keeps_the_other_direction_flowing(use_splice: bool) -> None:
+async def test_half_close_keeps_the_other_direction_flowing(mode: str) -> None:
     """Client says EOF first; the server still answers afterwards and the client reads it all."""
     loop = asyncio.get_running_loop()
-    async with relayed(use_splice) as r:
+    async with relayed(mode) as r:
         await send_and_close(r.client, b"request")
         assert await recv_all(r.server) == b"request"  # EOF reached the server
         assert not r.done.done()
@@ -199,8 +214,8 @@ async def test_half_close_keeps_the_other_direction_flowing(use_splice: bool) ->
 
 
 @both
-async def test_reset_on_one_side_reports_the_error(use_splice: bool) -> None:
-    async with relayed(use_splice) as r:
+async def test_reset_on_one_side_reports_the_error(mode: str) -> None:
+    async with relayed(mode) as r:
         # SO_LINGER with a zero timeout turns close() into a RST.
         r.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         r.client.close()
@@ -211,43 +226,50 @@ async def test_reset_on_one_side_reports_the_error(use_splice: bool) -> None:
 
 
 @both
-async def test_slow_reader_applies_backpressure_without_spinning(use_splice: bool) -> None:
+async def test_slow_reader_applies_backpressure_without_spinning(mode: str) -> None:
     """While the server does not read, the pump holds at most one pipe per direction and stops
     polling the client; once the server reads, everything arrives."""
     loop = asyncio.get_running_loop()
     pool = pipe_pool_for(loop)
     data = os.urandom(32 << 20)  # far more than the socket buffers on both hops can hold
-    async with relayed(use_splice, counting=True) as r:
+    async with relayed(mode, counting=True) as r:
         pump: Any = r.pump
         sender = asyncio.ensure_future(loop.sock_sendall(r.client, data))
+
         # Let the buffers fill up: wait until the pump is parked on a chunk it could not pass on.
         # (Each pass yields to the loop once, so the pump and the sender make progress.)
+        # The compiled pump counts its reads itself and reports the bytes it holds.
+        def stalled() -> bool:
+            return bool(pump.held if mode == "compiled" else getattr(pump, "stalled", False))
+
+        def reads() -> int:
+            return int(pump.reads if mode == "compiled" else pump.fills)
+
         for _ in range(100_000):
-            if getattr(pump, "stalled", False):
+            if stalled():
                 break
             await asyncio.sleep(0)
-        assert pump.stalled
-        before = pump.fills
+        assert stalled()
+        before = reads()
         for _ in range(200):
             await asyncio.sleep(0)
             assert pool.in_use <= 2
-        assert pump.fills == before, "pump kept reading while the receiver was stalled"
+        assert reads() == before, "pump kept reading while the receiver was stalled"
         assert not sender.done()
         got, _ = await asyncio.gather(recv_exactly(r.server, len(data)), sender)
         assert got == data
-        if use_splice:
-            assert isinstance(r.pump, SplicePump)
+        if mode != "copy":
             assert r.pump.pipes_held == 0
 
 
 @both
-async def test_idle_connections_hold_no_pipes(use_splice: bool) -> None:
+async def test_idle_connections_hold_no_pipes(mode: str) -> None:
     loop = asyncio.get_running_loop()
     pool = pipe_pool_for(loop)
     async with (
-        relayed(use_splice) as r1,
-        relayed(use_splice) as r2,
-        relayed(use_splice) as r3,
+        relayed(mode) as r1,
+        relayed(mode) as r2,
+        relayed(mode) as r3,
     ):
         for r in (r1, r2, r3):
             await loop.sock_sendall(r.client, b"ping")
@@ -255,8 +277,8 @@ async def test_idle_connections_hold_no_pipes(use_splice: bool) -> None:
             await loop.sock_sendall(r.server, b"pong")
             assert await recv_exactly(r.client, 4) == b"pong"
         assert pool.in_use == 0
-        if use_splice:
-            assert all(isinstance(r.pump, SplicePump) and r.pump.pipes_held == 0 for r in (r1, r2, r3))
+        if mode != "copy":
+            assert all(r.pump.pipes_held == 0 for r in (r1, r2, r3))
 
 
 def test_pool_keeps_at_most_max_idle_pipes() -> None:
@@ -291,6 +313,42 @@ def on_epoll_set(test: Callable[[], Awaitable[None]]) -> Callable[..., None]:
     return wrapper
 
 
+PUMPS = [
+    pytest.param("python", id="python-pump"),
+    pytest.param("compiled", id="compiled-pump", marks=pytest.mark.skipif(not COMPILED, reason="not built")),
+]
+
+
+def on_epoll_set_each_pump(test: Callable[[str], Awaitable[None]]) -> Callable[..., None]:
+    """Run ``async def t(kind)`` under both loops, once with `SplicePump` on the Python epoll
+    set and once with the compiled pump on the compiled set."""
+
+    @pytest.mark.skipif(not (HAVE_SPLICE and HAVE_EPOLL), reason="splice and epoll are Linux-only")
+    @pytest.mark.parametrize("kind", PUMPS)
+    @pytest.mark.parametrize("loop_factory", LOOPS)
+    def wrapper(loop_factory: Callable[[], asyncio.AbstractEventLoop], kind: str) -> None:
+        run(loop_factory, test(kind))
+
+    wrapper.__name__ = test.__name__
+    wrapper.__doc__ = test.__doc__
+    return wrapper
+
+
+def pump_of_kind(
+    kind: str,
+    io: AnyEpollSet,
+    a: socket.socket,
+    b: socket.socket,
+    done: asyncio.Future[BaseException | None],
+    pool: PipePool,
+) -> Any:
+    loop = asyncio.get_running_loop()
+    if kind == "compiled":
+        assert isinstance(io, compiled.EpollSet)
+        return compiled.Pump(io, a, b, done.set_result, pool)
+    return SplicePump(loop, a, b, done.set_result, pool, io=io)
+
+
 class WakeCountingPump(SplicePump):
     """Counts readiness callbacks per direction (0: a -> b)."""
 
@@ -304,10 +362,15 @@ class WakeCountingPump(SplicePump):
 
 
 @asynccontextmanager
-async def on_set_sockets() -> AsyncIterator[tuple[EpollSet, list[socket.socket]]]:
-    """The loop's engine epoll set and ``client, a, b, server`` (as in `relayed`), for a pump
-    the test starts itself; the sockets leave the set and close afterwards."""
-    io = epoll_set_for(asyncio.get_running_loop())
+async def on_set_sockets(kind: str = "") -> AsyncIterator[tuple[AnyEpollSet, list[socket.socket]]]:
+    """An engine epoll set and ``client, a, b, server`` (as in `relayed`), for a pump the test
+    starts itself; the sockets leave the set and close afterwards. The set is the loop's own,
+    or for `kind` "python" / "compiled" a fresh one of that kind."""
+    loop = asyncio.get_running_loop()
+    fresh: AnyEpollSet | None = None
+    if kind:
+        fresh = EpollSet(loop) if kind == "python" else compiled.EpollSet(loop)
+    io = fresh or epoll_set_for(loop)
     assert io is not None
     client, a = await tcp_pair()
     b, server = await tcp_pair()
@@ -318,6 +381,8 @@ async def on_set_sockets() -> AsyncIterator[tuple[EpollSet, list[socket.socket]]
         for s in socks:
             io.forget(s.fileno())
             s.close()
+        if fresh is not None:
+            fresh.close()
 
 
 @on_epoll_set
@@ -356,13 +421,13 @@ async def peer_closed(sock: socket.socket) -> None:
         ep.close()
 
 
-@on_epoll_set
-async def test_fin_behind_more_segments_than_a_pipe_holds_loses_nothing() -> None:
+@on_epoll_set_each_pump
+async def test_fin_behind_more_segments_than_a_pipe_holds_loses_nothing(kind: str) -> None:
     """A short splice read is not proof the socket is empty (a one-page pipe takes one segment
     per read): with FIN seen, the pump reads to the real EOF, whatever the segmentation."""
     loop = asyncio.get_running_loop()
     pool = PipePool(max_idle=2, pipe_size=4096)
-    async with on_set_sockets() as (io, (client, a, b, server)):
+    async with on_set_sockets(kind) as (io, (client, a, b, server)):
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         bulk = os.urandom(2 * SMALL_READ)  # fills the copy buffer: the direction turns to splice
         client.sendall(bulk)
@@ -373,7 +438,7 @@ async def test_fin_behind_more_segments_than_a_pipe_holds_loses_nothing() -> Non
         client.shutdown(socket.SHUT_WR)
         await peer_closed(a)  # every segment and the FIN are queued before the pump starts
         done: asyncio.Future[BaseException | None] = loop.create_future()
-        pump = SplicePump(loop, a, b, done.set_result, pool, io=io)
+        pump = pump_of_kind(kind, io, a, b, done, pool)
         pump.start()
         try:
             got = await recv_all(server)
@@ -393,15 +458,15 @@ class CountingPipePool(PipePool):
         return super().acquire()
 
 
-@on_epoll_set
-async def test_small_messages_are_copied_and_bulk_is_spliced() -> None:
+@on_epoll_set_each_pump
+async def test_small_messages_are_copied_and_bulk_is_spliced(kind: str) -> None:
     """Request/response-sized messages never take a pipe; the first read that fills the copy
     buffer turns that direction (only that one) to splice, and every byte still arrives."""
     loop = asyncio.get_running_loop()
     pool = CountingPipePool()
-    async with on_set_sockets() as (io, (client, a, b, server)):
+    async with on_set_sockets(kind) as (io, (client, a, b, server)):
         done: asyncio.Future[BaseException | None] = loop.create_future()
-        pump = SplicePump(loop, a, b, done.set_result, pool, io=io)
+        pump = pump_of_kind(kind, io, a, b, done, pool)
         pump.start()
         try:
             for _ in range(20):

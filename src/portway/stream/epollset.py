@@ -30,12 +30,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import select
 import weakref
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["EPOLL_FAILED", "EPOLL_PEER_CLOSED", "HAVE_EPOLL", "EpollSet", "epoll_set_for"]
+try:
+    from portway.stream import _fastpath as compiled
+except ImportError:  # not built (no compiler where it was installed): the classes below serve
+    compiled = None  # type: ignore[assignment]
+
+__all__ = [
+    "COMPILED",
+    "EPOLL_FAILED",
+    "EPOLL_PEER_CLOSED",
+    "EPOLL_SETS",
+    "HAVE_EPOLL",
+    "AnyEpollSet",
+    "EpollSet",
+    "compiled",
+    "compiled_enabled",
+    "epoll_set_for",
+]
 
 HAVE_EPOLL: Final[bool] = hasattr(select, "epoll")
 
@@ -89,7 +106,11 @@ class EpollSet:
         #: writable without EPOLLERR/EPOLLHUP is connected: no getsockopt(SO_ERROR) needed.
         #: EPOLL_FAILED outside a batch, so a caller relying on it asks the socket instead.
         self.ready_events = _ERR
-        loop.add_reader(self._ep.fileno(), self._on_ready)
+        loop.add_reader(self._ep.fileno(), self.dispatch)
+
+    @property
+    def closed(self) -> bool:
+        return self._ep.closed
 
     def close(self) -> None:
         """Stop watching the set and close it (the loop is closing)."""
@@ -132,6 +153,10 @@ class EpollSet:
         w.writer, w.writer_args = None, ()
         self._changed(fd, w)
         return True
+
+    def watching(self, fd: int) -> bool:
+        """True while `fd` has a reader or a writer (it is in the kernel's set or about to be)."""
+        return fd in self._watches
 
     def forget(self, fd: int) -> None:
         """The descriptor is about to be closed: drop it without a syscall (close removes it
@@ -199,7 +224,8 @@ class EpollSet:
                 elif w.writer is not None:
                     self._loop.call_soon(w.writer, *w.writer_args)
 
-    def _on_ready(self) -> None:
+    def dispatch(self) -> None:
+        """Run the callbacks of the ready descriptors (the loop calls this when the set is readable)."""
         try:
             events = self._ep.poll(0, _MAX_EVENTS)
         except InterruptedError:
@@ -228,14 +254,36 @@ class EpollSet:
                 self._flush()
 
 
-_sets: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EpollSet] = weakref.WeakKeyDictionary()
+#: True when the compiled epoll set and pump (`_fastpath.c`) were built with the package.
+COMPILED: Final[bool] = compiled is not None
+
+if compiled is not None:
+    AnyEpollSet = EpollSet | compiled.EpollSet
+    #: For `isinstance`: either epoll set, the one written in Python or the compiled one.
+    EPOLL_SETS: Final = (EpollSet, compiled.EpollSet)
+else:  # pragma: no cover - the compiled module is built wherever the tests run
+    AnyEpollSet = EpollSet  # type: ignore[misc]
+    EPOLL_SETS = (EpollSet,)
 
 
-def epoll_set_for(loop: asyncio.AbstractEventLoop) -> EpollSet | None:
-    """The loop's engine epoll set, created on first use; None where epoll does not exist."""
+def compiled_enabled() -> bool:
+    """Whether new epoll sets are the compiled ones: when built, unless $PORTWAY_FASTPATH=0
+    (for measuring one against the other, and as a way out should the C code misbehave)."""
+    return COMPILED and os.environ.get("PORTWAY_FASTPATH", "1") != "0"
+
+
+_sets: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AnyEpollSet] = weakref.WeakKeyDictionary()
+
+
+def epoll_set_for(loop: asyncio.AbstractEventLoop) -> AnyEpollSet | None:
+    """The loop's engine epoll set, created on first use; None where epoll does not exist.
+
+    The compiled set (see `compiled_enabled`) runs the compiled pump's events without the
+    interpreter; both kinds take Python callbacks exactly alike.
+    """
     if not HAVE_EPOLL:
         return None
     es = _sets.get(loop)
-    if es is None or es._ep.closed:
-        es = _sets[loop] = EpollSet(loop)
+    if es is None or es.closed:
+        es = _sets[loop] = compiled.EpollSet(loop) if compiled_enabled() else EpollSet(loop)
     return es

@@ -54,7 +54,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
-from portway.stream.epollset import EPOLL_PEER_CLOSED
+from portway.stream.epollset import EPOLL_PEER_CLOSED, compiled
 
 __all__ = [
     "HAVE_SPLICE",
@@ -63,7 +63,9 @@ __all__ = [
     "PipePool",
     "PumpDone",
     "Readiness",
+    "RelayPump",
     "SplicePump",
+    "engine_pump",
     "pipe_pool_for",
     "relay",
     "start_pump",
@@ -108,6 +110,24 @@ class Readiness(Protocol):
     def add_writer(self, fd: int, callback: Callable[..., object], *args: Any) -> None: ...
     def remove_reader(self, fd: int) -> bool: ...
     def remove_writer(self, fd: int) -> bool: ...
+
+
+class RelayPump(Protocol):
+    """What the engine's connections use of a pump: `SplicePump`, `CopyPump` or the compiled
+    one (`_fastpath.Pump`, see `engine_pump`)."""
+
+    failed_side: int
+    shutdown_last: bool
+
+    @property
+    def bytes_a_to_b(self) -> int: ...
+    @property
+    def bytes_b_to_a(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+    def read_now(self, index: int) -> bool: ...
 
 
 class PipePool:
@@ -511,6 +531,22 @@ class CopyPump(_PumpBase):
     def _drop_holding(self, d: _Direction) -> None:
         d.tail = b""
         d.pending = 0
+
+
+def engine_pump(
+    loop: asyncio.AbstractEventLoop,
+    io: Readiness,
+    a: socket.SocketType,
+    b: socket.SocketType,
+    on_done: PumpDone,
+    pool: PipePool,
+) -> RelayPump:
+    """The raw engine's pump between non-blocking sockets `a` and `b`, not started: the compiled
+    one on the compiled epoll set (its events then never enter the interpreter), else
+    `SplicePump` with its callbacks on `io`."""
+    if compiled is not None and type(io) is compiled.EpollSet:
+        return compiled.Pump(io, a, b, on_done, pool)
+    return SplicePump(loop, a, b, on_done, pool, io=io)
 
 
 def start_pump(

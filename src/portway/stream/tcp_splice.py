@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from portway.events import CloseReason, ConnectionRecord
 from portway.proxy_header import UNTRUSTED, HeaderOutcome, HeaderReader, HeaderRefused, relay_header
 from portway.stream.base import Address, addr_str
-from portway.stream.epollset import EPOLL_FAILED, EpollSet
-from portway.stream.splice import CopyPump, SplicePump
+from portway.stream.epollset import EPOLL_FAILED, EPOLL_SETS
+from portway.stream.splice import CopyPump, engine_pump
 
 if TYPE_CHECKING:
     from portway.access import AccessControl
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from portway.stream.base import Hook
     from portway.stream.pool import TargetPool
     from portway.stream.resolve import SockAddr
-    from portway.stream.splice import PipePool, Readiness
+    from portway.stream.splice import PipePool, Readiness, RelayPump
 
 
 class TCPRoute(Protocol):
@@ -219,7 +219,7 @@ class SpliceConn:
         self.reason: CloseReason = "normal"
         self.started = 0.0
         self.dialed_at = 0.0
-        self.pump: SplicePump | CopyPump | None = None
+        self.pump: RelayPump | None = None
         self.timer: asyncio.TimerHandle | None = None
         #: True while the route's `DialWatch` times this connection's dial (one-target routes).
         self.watched = False
@@ -469,7 +469,7 @@ class SpliceConn:
             return
         stream = self.stream
         io = self.io
-        if isinstance(io, EpollSet) and not io.ready_events & EPOLL_FAILED:
+        if isinstance(io, EPOLL_SETS) and not io.ready_events & EPOLL_FAILED:
             err = 0  # writable and no error: connected (a failed connect always sets EPOLLERR)
         else:
             try:
@@ -578,10 +578,10 @@ class SpliceConn:
     def _start_pump(self, target: socket.SocketType) -> None:
         self.phase = _PUMPING
         stream = self.stream
-        pump: SplicePump | CopyPump
+        pump: RelayPump
         if stream.pipe_pool is not None:
-            pump = SplicePump(
-                stream.loop, self.client_sock, target, self._pump_done, stream.pipe_pool, io=self.io
+            pump = engine_pump(
+                stream.loop, self.io, self.client_sock, target, self._pump_done, stream.pipe_pool
             )
         else:
             pump = CopyPump(stream.loop, self.client_sock, target, self._pump_done)
@@ -702,12 +702,12 @@ class SpliceConn:
     def _forget(self, sock: socket.SocketType) -> None:
         """Drop a socket from the engine's epoll set before it is closed (see `EpollSet`)."""
         io = self.io
-        if isinstance(io, EpollSet):
+        if isinstance(io, EPOLL_SETS):
             fd = sock.fileno()
             if fd >= 0:
                 io.forget(fd)
 
-    def _report(self, pump: SplicePump | CopyPump | None) -> None:
+    def _report(self, pump: RelayPump | None) -> None:
         stream = self.stream
         assert stream.observer is not None
         up, down = (pump.bytes_a_to_b, pump.bytes_b_to_a) if pump is not None else (0, 0)

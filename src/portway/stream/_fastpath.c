@@ -1,0 +1,1341 @@
+/* The raw engine's epoll set and relay pump, compiled: the per-event work of an established
+ * connection without the interpreter.
+ *
+ * Why C here and nowhere else: after issue 12's two rounds of syscall work, what separated the
+ * engine from HAProxy and nginx per short connection and per keep-alive request was Python
+ * itself (~170 interpreted calls per connection; a keep-alive request is two readiness events,
+ * each a dispatch loop step, a bound-method call, a dozen attribute updates and two socket
+ * method calls). This module does exactly what `epollset.EpollSet` and `splice.SplicePump` do,
+ * with the same interface and the same decisions (documented there, not repeated here), and the
+ * pure-Python classes stay as the fallback where the module was not built.
+ *
+ * `EpollSet` is the loop's add_reader/add_writer interface on an engine-owned epoll set; its
+ * watches live in a table indexed by descriptor. A `Pump` registers its descriptors there
+ * natively: their readiness events run the relay in C and only the end of the relay (or a pipe
+ * from the Python `PipePool`) calls back into Python.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define SMALL_READ 16384
+#define ROUNDS_PER_WAKEUP 8
+#define MAX_EVENTS 512
+
+#define EV_IN (EPOLLIN | EPOLLRDHUP)
+#define EV_OUT (EPOLLOUT)
+#define EV_ERR (EPOLLERR | EPOLLHUP)
+#define EV_READ (EV_IN | EV_ERR)
+#define EV_WRITE (EV_OUT | EV_ERR)
+
+#define SPLICE_FLAGS (SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+
+/* Results of a read step besides a byte count. */
+#define STEP_AGAIN (-2)
+#define STEP_ERROR (-1)
+
+typedef struct Pump Pump;
+
+/* One descriptor: Python callbacks (the loop interface), or a pump's native interest, or both
+ * for the moment a dial's writer hands the target socket over to its pump. */
+typedef struct {
+    PyObject *reader, *reader_args, *writer, *writer_args;
+    Pump *pump;            /* borrowed: a pump unhooks itself before it goes */
+    uint32_t armed;        /* the mask the kernel has; 0: not added */
+    uint64_t gone_epoch;   /* forgotten during this batch: skip its remaining events */
+    uint8_t used, dirty, native_read, native_write;
+} Watch;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    PyObject *loop;
+    Watch *watches;
+    int nwatches;
+    int *dirty;
+    int ndirty, capdirty;
+    int dispatching;
+    uint64_t epoch;
+    unsigned int ready_events;
+    char *scratch;
+    PyObject *weakreflist;
+} Core;
+
+typedef struct {
+    int src, dst;
+    int eof, finished;
+    Py_ssize_t pending;
+    long long moved;
+    PyObject *pipe; /* (read_fd, write_fd) from the pool while spliced bytes are in flight */
+    int pipe_r, pipe_w;
+    char *tail;
+    Py_ssize_t tail_off, tail_len;
+    Py_ssize_t chunk;
+} Dir;
+
+struct Pump {
+    PyObject_HEAD
+    Core *core;
+    PyObject *a, *b; /* the socket objects: kept alive while the pump uses their descriptors */
+    PyObject *on_done;
+    PyObject *pool;
+    Py_ssize_t pipe_chunk;
+    Dir d[2];
+    int closed;
+    int failed_side;
+    int shutdown_last;
+    int hooked; /* registered natively in core: must unhook before it goes */
+    long long reads; /* read calls on either source: lets tests prove the pump does not spin */
+};
+
+static PyTypeObject CoreType;
+static PyTypeObject PumpType;
+
+/* ---- the epoll set ------------------------------------------------------------------------ */
+
+static int
+core_grow(Core *c, int fd)
+{
+    if (fd < c->nwatches)
+        return 0;
+    int n = c->nwatches ? c->nwatches : 1024;
+    while (n <= fd)
+        n *= 2;
+    Watch *w = PyMem_Realloc(c->watches, (size_t)n * sizeof(Watch));
+    if (w == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(w + c->nwatches, 0, (size_t)(n - c->nwatches) * sizeof(Watch));
+    c->watches = w;
+    c->nwatches = n;
+    return 0;
+}
+
+static void
+watch_clear_python(Watch *w)
+{
+    Py_CLEAR(w->reader);
+    Py_CLEAR(w->reader_args);
+    Py_CLEAR(w->writer);
+    Py_CLEAR(w->writer_args);
+}
+
+/* Bring the kernel's mask for fd in line with its interest: one epoll_ctl at most.
+ * Returns -1 with errno set when epoll_ctl failed. */
+static int
+core_apply(Core *c, int fd)
+{
+    Watch *w = &c->watches[fd];
+    uint32_t want = ((w->reader || w->native_read) ? EV_IN : 0) |
+                    ((w->writer || w->native_write) ? EV_OUT : 0);
+    uint32_t have = w->armed;
+    struct epoll_event ev;
+    if (want == 0) {
+        w->used = 0;
+        w->pump = NULL;
+        if (have) {
+            w->armed = 0;
+            epoll_ctl(c->epfd, EPOLL_CTL_DEL, fd, NULL); /* already closed: the kernel dropped it */
+        }
+        return 0;
+    }
+    if (want == have)
+        return 0;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = want;
+    ev.data.fd = fd;
+    if (have == 0) {
+        if (epoll_ctl(c->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+            /* forgotten but not closed (yet): take it over */
+            if (errno != EEXIST || epoll_ctl(c->epfd, EPOLL_CTL_MOD, fd, &ev) < 0)
+                return -1;
+        }
+    }
+    else if (epoll_ctl(c->epfd, EPOLL_CTL_MOD, fd, &ev) < 0) {
+        /* closed without forget and the number reused: add it again */
+        if (errno != ENOENT || epoll_ctl(c->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+            return -1;
+    }
+    w->armed = want;
+    return 0;
+}
+
+/* Interest in fd changed: applied now, or after the batch being dispatched.
+ * Returns -1 with an OSError set when applying now failed. */
+static int
+core_changed(Core *c, int fd)
+{
+    Watch *w = &c->watches[fd];
+    if (c->dispatching) {
+        if (!w->dirty) {
+            if (c->ndirty == c->capdirty) {
+                int cap = c->capdirty ? c->capdirty * 2 : 256;
+                int *d = PyMem_Realloc(c->dirty, (size_t)cap * sizeof(int));
+                if (d == NULL) {
+                    PyErr_NoMemory();
+                    return -1;
+                }
+                c->dirty = d;
+                c->capdirty = cap;
+            }
+            c->dirty[c->ndirty++] = fd;
+            w->dirty = 1;
+        }
+        return 0;
+    }
+    if (core_apply(c, fd) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+check_fd(Core *c, int fd)
+{
+    if (fd < 0) {
+        PyErr_Format(PyExc_ValueError, "invalid file descriptor %d", fd);
+        return -1;
+    }
+    if (c->epfd < 0) {
+        PyErr_SetString(PyExc_ValueError, "I/O operation on closed epoll set");
+        return -1;
+    }
+    return core_grow(c, fd);
+}
+
+static int pump_fail_errno(Pump *p, Dir *d, int writing, int err);
+
+/* After a batch: apply the interest changes it made. A descriptor the kernel refuses (closed by
+ * a bug, or out of watches) is reported ready, so its owner's next syscall fails and tears the
+ * connection down instead of leaving it unwatched forever. */
+static int
+core_flush(Core *c)
+{
+    int result = 0;
+    for (int i = 0; i < c->ndirty; i++) {
+        int fd = c->dirty[i];
+        Watch *w = &c->watches[fd];
+        if (!w->dirty)
+            continue;
+        w->dirty = 0;
+        if (!w->used || core_apply(c, fd) == 0)
+            continue;
+        int err = errno;
+        Pump *pump = w->pump;
+        PyObject *cb = w->reader ? w->reader : w->writer;
+        PyObject *args = w->reader ? w->reader_args : w->writer_args;
+        if (cb != NULL) {
+            /* loop.call_soon(cb, *args) */
+            Py_ssize_t nargs = args != NULL ? PyTuple_GET_SIZE(args) : 0;
+            PyObject *full = PyTuple_New(nargs + 1);
+            PyObject *meth = full ? PyObject_GetAttrString(c->loop, "call_soon") : NULL;
+            PyObject *r = NULL;
+            if (meth != NULL) {
+                Py_INCREF(cb);
+                PyTuple_SET_ITEM(full, 0, cb);
+                for (Py_ssize_t k = 0; k < nargs; k++) {
+                    PyObject *a = PyTuple_GET_ITEM(args, k);
+                    Py_INCREF(a);
+                    PyTuple_SET_ITEM(full, k + 1, a);
+                }
+                r = PyObject_Call(meth, full, NULL);
+            }
+            Py_XDECREF(meth);
+            Py_XDECREF(full);
+            if (r == NULL)
+                result = -1;
+            Py_XDECREF(r);
+        }
+        w = &c->watches[fd];
+        watch_clear_python(w);
+        w->used = 0;
+        w->native_read = w->native_write = 0;
+        w->pump = NULL;
+        w->armed = 0;
+        if (pump != NULL && result == 0) {
+            if (pump_fail_errno(pump, NULL, 0, err) < 0)
+                result = -1;
+        }
+        if (result < 0)
+            break;
+    }
+    /* Entries after a failure keep their dirty flag cleared lazily: reset them all. */
+    for (int i = 0; i < c->ndirty; i++) {
+        int fd = c->dirty[i];
+        if (fd < c->nwatches && c->watches[fd].dirty) {
+            c->watches[fd].dirty = 0;
+            if (c->watches[fd].used && core_apply(c, fd) < 0) {
+                /* leave it; its owner's next syscall will fail */
+            }
+        }
+    }
+    c->ndirty = 0;
+    return result;
+}
+
+static int pump_on_readable(Pump *p, Dir *d, int unprompted);
+static int pump_on_writable(Pump *p, Dir *d);
+
+static PyObject *
+core_dispatch(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    struct epoll_event events[MAX_EVENTS];
+    if (c->epfd < 0)
+        Py_RETURN_NONE;
+    int n = epoll_wait(c->epfd, events, MAX_EVENTS, 0);
+    if (n < 0) {
+        if (errno == EINTR)
+            Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    uint64_t epoch = ++c->epoch;
+    int failed = 0;
+    c->dispatching = 1;
+    for (int i = 0; i < n && !failed; i++) {
+        int fd = events[i].data.fd;
+        uint32_t ev = events[i].events;
+        if (fd >= c->nwatches)
+            continue;
+        Watch *w = &c->watches[fd];
+        if (!w->used || w->gone_epoch == epoch)
+            continue;
+        c->ready_events = ev;
+        if (ev & EV_READ) {
+            if (w->native_read) {
+                Pump *p = w->pump;
+                Py_INCREF(p);
+                failed = pump_on_readable(p, fd == p->d[0].src ? &p->d[0] : &p->d[1], 0) < 0;
+                Py_DECREF(p);
+            }
+            else if (w->reader != NULL) {
+                PyObject *cb = w->reader, *args = w->reader_args;
+                Py_INCREF(cb);
+                Py_INCREF(args);
+                PyObject *r = PyObject_Call(cb, args, NULL);
+                Py_DECREF(cb);
+                Py_DECREF(args);
+                if (r == NULL)
+                    failed = 1;
+                Py_XDECREF(r);
+            }
+            if (failed)
+                break;
+            w = &c->watches[fd]; /* the table may have grown */
+            if (!w->used || w->gone_epoch == epoch)
+                continue;
+        }
+        if (ev & EV_WRITE) {
+            if (w->native_write) {
+                Pump *p = w->pump;
+                Py_INCREF(p);
+                failed = pump_on_writable(p, fd == p->d[0].dst ? &p->d[0] : &p->d[1]) < 0;
+                Py_DECREF(p);
+            }
+            else if (w->writer != NULL) {
+                PyObject *cb = w->writer, *args = w->writer_args;
+                Py_INCREF(cb);
+                Py_INCREF(args);
+                PyObject *r = PyObject_Call(cb, args, NULL);
+                Py_DECREF(cb);
+                Py_DECREF(args);
+                if (r == NULL)
+                    failed = 1;
+                Py_XDECREF(r);
+            }
+        }
+    }
+    c->dispatching = 0;
+    c->ready_events = EV_ERR;
+    if (c->ndirty) {
+        PyObject *et = NULL, *evv = NULL, *tb = NULL;
+        if (failed)
+            PyErr_Fetch(&et, &evv, &tb);
+        if (core_flush(c) < 0) {
+            if (failed)
+                PyErr_WriteUnraisable((PyObject *)c);
+            else
+                failed = 1;
+        }
+        if (et != NULL || evv != NULL || tb != NULL)
+            PyErr_Restore(et, evv, tb);
+    }
+    if (failed)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static int
+parse_fd(PyObject *arg, int *fd)
+{
+    long v = PyLong_AsLong(arg);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0 || v > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "invalid file descriptor %ld", v);
+        return -1;
+    }
+    *fd = (int)v;
+    return 0;
+}
+
+static PyObject *
+core_add(Core *c, PyObject *const *args, Py_ssize_t nargs, int writer)
+{
+    int fd;
+    if (nargs < 2) {
+        PyErr_SetString(PyExc_TypeError, "expected fd, callback, *args");
+        return NULL;
+    }
+    if (parse_fd(args[0], &fd) < 0 || check_fd(c, fd) < 0)
+        return NULL;
+    PyObject *cbargs = PyTuple_New(nargs - 2);
+    if (cbargs == NULL)
+        return NULL;
+    for (Py_ssize_t i = 2; i < nargs; i++) {
+        Py_INCREF(args[i]);
+        PyTuple_SET_ITEM(cbargs, i - 2, args[i]);
+    }
+    Watch *w = &c->watches[fd];
+    PyObject *old_cb, *old_args;
+    Py_INCREF(args[1]);
+    if (writer) {
+        old_cb = w->writer;
+        old_args = w->writer_args;
+        w->writer = args[1];
+        w->writer_args = cbargs;
+    }
+    else {
+        old_cb = w->reader;
+        old_args = w->reader_args;
+        w->reader = args[1];
+        w->reader_args = cbargs;
+    }
+    w->used = 1;
+    int rc = core_changed(c, fd);
+    Py_XDECREF(old_cb);
+    Py_XDECREF(old_args);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_add_reader(Core *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    return core_add(c, args, nargs, 0);
+}
+
+static PyObject *
+core_add_writer(Core *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    return core_add(c, args, nargs, 1);
+}
+
+static PyObject *
+core_remove(Core *c, PyObject *arg, int writer)
+{
+    int fd;
+    if (parse_fd(arg, &fd) < 0)
+        return NULL;
+    if (fd >= c->nwatches || c->epfd < 0)
+        Py_RETURN_FALSE;
+    Watch *w = &c->watches[fd];
+    PyObject *cb = writer ? w->writer : w->reader;
+    if (!w->used || cb == NULL)
+        Py_RETURN_FALSE;
+    PyObject *cbargs;
+    if (writer) {
+        cbargs = w->writer_args;
+        w->writer = w->writer_args = NULL;
+    }
+    else {
+        cbargs = w->reader_args;
+        w->reader = w->reader_args = NULL;
+    }
+    int rc = core_changed(c, fd);
+    Py_DECREF(cb);
+    Py_XDECREF(cbargs);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+core_remove_reader(Core *c, PyObject *arg)
+{
+    return core_remove(c, arg, 0);
+}
+
+static PyObject *
+core_remove_writer(Core *c, PyObject *arg)
+{
+    return core_remove(c, arg, 1);
+}
+
+static PyObject *
+core_forget(Core *c, PyObject *arg)
+{
+    int fd;
+    if (parse_fd(arg, &fd) < 0)
+        return NULL;
+    if (fd >= c->nwatches)
+        Py_RETURN_NONE;
+    Watch *w = &c->watches[fd];
+    if (!w->used)
+        Py_RETURN_NONE;
+    PyObject *r = w->reader, *ra = w->reader_args, *wr = w->writer, *wa = w->writer_args;
+    w->reader = w->reader_args = w->writer = w->writer_args = NULL;
+    w->used = 0;
+    w->dirty = 0;
+    w->armed = 0;
+    w->native_read = w->native_write = 0;
+    w->pump = NULL;
+    if (c->dispatching)
+        w->gone_epoch = c->epoch;
+    Py_XDECREF(r);
+    Py_XDECREF(ra);
+    Py_XDECREF(wr);
+    Py_XDECREF(wa);
+    Py_RETURN_NONE;
+}
+
+static void
+core_release_all(Core *c)
+{
+    for (int fd = 0; fd < c->nwatches; fd++) {
+        Watch *w = &c->watches[fd];
+        watch_clear_python(w);
+        if (w->pump != NULL)
+            w->pump->hooked = 0;
+        w->pump = NULL;
+        w->used = w->dirty = w->native_read = w->native_write = 0;
+        w->armed = 0;
+    }
+    c->ndirty = 0;
+}
+
+static PyObject *
+core_close(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    if (c->epfd < 0)
+        Py_RETURN_NONE;
+    if (c->loop != NULL) {
+        PyObject *r = PyObject_CallMethod(c->loop, "remove_reader", "i", c->epfd);
+        if (r == NULL)
+            PyErr_Clear(); /* the loop is already closed */
+        Py_XDECREF(r);
+    }
+    close(c->epfd);
+    c->epfd = -1;
+    core_release_all(c);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_fileno(Core *c, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromLong(c->epfd);
+}
+
+static PyObject *
+core_get_closed(Core *c, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(c->epfd < 0);
+}
+
+static PyObject *
+core_get_watched(Core *c, void *Py_UNUSED(closure))
+{
+    long n = 0;
+    for (int fd = 0; fd < c->nwatches; fd++)
+        n += c->watches[fd].used;
+    return PyLong_FromLong(n);
+}
+
+static PyObject *
+core_watching(Core *c, PyObject *arg)
+{
+    int fd;
+    if (parse_fd(arg, &fd) < 0)
+        return NULL;
+    return PyBool_FromLong(fd < c->nwatches && c->watches[fd].used);
+}
+
+static PyObject *
+core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"loop", NULL};
+    PyObject *loop;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O", kwlist, &loop))
+        return NULL;
+    Core *c = (Core *)type->tp_alloc(type, 0);
+    if (c == NULL)
+        return NULL;
+    c->epfd = -1;
+    c->ready_events = EV_ERR;
+    c->scratch = PyMem_Malloc(SMALL_READ);
+    if (c->scratch == NULL) {
+        Py_DECREF(c);
+        return PyErr_NoMemory();
+    }
+    c->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (c->epfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(c);
+        return NULL;
+    }
+    Py_INCREF(loop);
+    c->loop = loop;
+    PyObject *dispatch = PyObject_GetAttrString((PyObject *)c, "dispatch");
+    PyObject *r = dispatch ? PyObject_CallMethod(loop, "add_reader", "iO", c->epfd, dispatch) : NULL;
+    Py_XDECREF(dispatch);
+    if (r == NULL) {
+        close(c->epfd);
+        c->epfd = -1;
+        Py_DECREF(c);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return (PyObject *)c;
+}
+
+static int
+core_traverse(Core *c, visitproc visit, void *arg)
+{
+    Py_VISIT(c->loop);
+    for (int fd = 0; fd < c->nwatches; fd++) {
+        Watch *w = &c->watches[fd];
+        Py_VISIT(w->reader);
+        Py_VISIT(w->reader_args);
+        Py_VISIT(w->writer);
+        Py_VISIT(w->writer_args);
+    }
+    return 0;
+}
+
+static int
+core_clear(Core *c)
+{
+    for (int fd = 0; fd < c->nwatches; fd++)
+        watch_clear_python(&c->watches[fd]);
+    Py_CLEAR(c->loop);
+    return 0;
+}
+
+static void
+core_dealloc(Core *c)
+{
+    PyObject_GC_UnTrack(c);
+    if (c->weakreflist != NULL)
+        PyObject_ClearWeakRefs((PyObject *)c);
+    if (c->epfd >= 0)
+        close(c->epfd);
+    c->epfd = -1;
+    core_release_all(c);
+    core_clear(c);
+    PyMem_Free(c->watches);
+    PyMem_Free(c->dirty);
+    PyMem_Free(c->scratch);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyMethodDef core_methods[] = {
+    {"add_reader", (PyCFunction)(void (*)(void))core_add_reader, METH_FASTCALL,
+     "add_reader(fd, callback, *args): call back when fd is readable."},
+    {"add_writer", (PyCFunction)(void (*)(void))core_add_writer, METH_FASTCALL,
+     "add_writer(fd, callback, *args): call back when fd is writable."},
+    {"remove_reader", (PyCFunction)core_remove_reader, METH_O, "Stop the reader; False if none."},
+    {"remove_writer", (PyCFunction)core_remove_writer, METH_O, "Stop the writer; False if none."},
+    {"forget", (PyCFunction)core_forget, METH_O,
+     "The descriptor is about to be closed: drop it without a syscall."},
+    {"dispatch", (PyCFunction)core_dispatch, METH_NOARGS, "Run the callbacks of ready descriptors."},
+    {"close", (PyCFunction)core_close, METH_NOARGS, "Stop watching the set and close it."},
+    {"fileno", (PyCFunction)core_fileno, METH_NOARGS, "The epoll descriptor."},
+    {"watching", (PyCFunction)core_watching, METH_O, "True while fd has any interest."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef core_members[] = {
+    {"ready_events", T_UINT, offsetof(Core, ready_events), READONLY,
+     "Events of the descriptor whose callback runs; EPOLL_FAILED outside a batch."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef core_getset[] = {
+    {"closed", (getter)core_get_closed, NULL, "True once closed.", NULL},
+    {"watched", (getter)core_get_watched, NULL, "Descriptors with any interest.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "portway.stream._fastpath.EpollSet",
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The loop's add_reader/add_writer interface on an engine-owned epoll set (C).",
+    .tp_new = core_new,
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_traverse = (traverseproc)core_traverse,
+    .tp_clear = (inquiry)core_clear,
+    .tp_methods = core_methods,
+    .tp_members = core_members,
+    .tp_getset = core_getset,
+    .tp_weaklistoffset = offsetof(Core, weakreflist),
+};
+
+/* ---- the pump ----------------------------------------------------------------------------- */
+
+/* Native interest of pump p in fd (reading its source, or writing its destination). */
+static int
+pump_watch(Pump *p, int fd, int writing, int on)
+{
+    Core *c = p->core;
+    if (on && check_fd(c, fd) < 0)
+        return -1;
+    if (fd >= c->nwatches)
+        return 0;
+    Watch *w = &c->watches[fd];
+    if (!on && w->pump != p)
+        return 0; /* forgotten meanwhile */
+    if (writing)
+        w->native_write = (uint8_t)on;
+    else
+        w->native_read = (uint8_t)on;
+    if (on) {
+        w->pump = p;
+        w->used = 1;
+        p->hooked = 1;
+    }
+    return core_changed(c, fd);
+}
+
+/* Removal never fails the caller: a descriptor the kernel no longer has is not watched. */
+static void
+pump_unwatch(Pump *p, int fd, int writing)
+{
+    if (pump_watch(p, fd, writing, 0) < 0)
+        PyErr_Clear();
+}
+
+static int
+pump_release_pipe(Pump *p, Dir *d, const char *how)
+{
+    PyObject *pipe = d->pipe;
+    d->pipe = NULL;
+    d->pipe_r = d->pipe_w = -1;
+    PyObject *name = PyUnicode_InternFromString(how);
+    PyObject *r = name ? PyObject_CallMethodOneArg(p->pool, name, pipe) : NULL;
+    Py_XDECREF(name);
+    Py_DECREF(pipe);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int
+pump_release_if_empty(Pump *p, Dir *d)
+{
+    if (d->pipe != NULL && d->pending == 0)
+        return pump_release_pipe(p, d, "release");
+    return 0;
+}
+
+static int
+pump_drop_holding(Pump *p, Dir *d)
+{
+    PyMem_Free(d->tail);
+    d->tail = NULL;
+    d->tail_off = d->tail_len = 0;
+    int rc = 0;
+    if (d->pipe != NULL)
+        rc = pump_release_pipe(p, d, d->pending ? "discard" : "release");
+    d->pending = 0;
+    return rc;
+}
+
+/* Stop relaying: unhook from the epoll set and give back what is held. */
+static int
+pump_stop(Pump *p)
+{
+    int rc = 0;
+    if (p->closed)
+        return 0;
+    p->closed = 1;
+    for (int i = 0; i < 2; i++) {
+        Dir *d = &p->d[i];
+        if (p->hooked) {
+            pump_unwatch(p, d->src, 0);
+            pump_unwatch(p, d->dst, 1);
+        }
+        if (pump_drop_holding(p, d) < 0)
+            rc = -1;
+    }
+    p->hooked = 0;
+    return rc;
+}
+
+static int
+pump_call_done(Pump *p, PyObject *exc)
+{
+    PyObject *r = PyObject_CallOneArg(p->on_done, exc);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* The pump failed with the Python exception currently set. */
+static int
+pump_fail(Pump *p, Dir *d, int writing)
+{
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    if (tb != NULL && ev != NULL)
+        PyException_SetTraceback(ev, tb);
+    Py_XDECREF(et);
+    Py_XDECREF(tb);
+    if (p->closed) {
+        Py_XDECREF(ev);
+        return 0;
+    }
+    if (d != NULL) {
+        if (!writing && ev != NULL && PyObject_TypeCheck(ev, (PyTypeObject *)PyExc_OSError) &&
+            ((PyOSErrorObject *)ev)->myerrno != NULL &&
+            PyLong_Check(((PyOSErrorObject *)ev)->myerrno) &&
+            PyLong_AsLong(((PyOSErrorObject *)ev)->myerrno) == EPIPE)
+            writing = 1;
+        int src_side = d == &p->d[0] ? 0 : 1;
+        p->failed_side = writing ? 1 - src_side : src_side;
+    }
+    int rc = pump_stop(p);
+    if (rc == 0)
+        rc = pump_call_done(p, ev ? ev : Py_None);
+    Py_XDECREF(ev);
+    return rc;
+}
+
+static int
+pump_fail_errno(Pump *p, Dir *d, int writing, int err)
+{
+    errno = err;
+    PyErr_SetFromErrno(PyExc_OSError);
+    return pump_fail(p, d, writing);
+}
+
+static ssize_t
+send_nointr(int fd, const char *buf, size_t n, int flags)
+{
+    ssize_t s;
+    do
+        s = send(fd, buf, n, flags | MSG_NOSIGNAL);
+    while (s < 0 && errno == EINTR);
+    return s;
+}
+
+/* Read from d->src and pass on what the receiver takes at once; the byte count, 0 on EOF,
+ * STEP_AGAIN when nothing was there, STEP_ERROR with errno set (or a Python error when
+ * *py_error is set). */
+static ssize_t
+pump_fill(Pump *p, Dir *d, int more, int *py_error)
+{
+    if (d->pipe == NULL) {
+        if (d->chunk == SMALL_READ) {
+            char *buf = p->core->scratch;
+            ssize_t n;
+            do
+                n = recv(d->src, buf, SMALL_READ, 0);
+            while (n < 0 && errno == EINTR);
+            if (n < 0)
+                return (errno == EAGAIN || errno == EWOULDBLOCK) ? STEP_AGAIN : STEP_ERROR;
+            if (n > 0) {
+                ssize_t sent = send_nointr(d->dst, buf, (size_t)n, more ? MSG_MORE : 0);
+                if (sent < 0) {
+                    if (errno != EAGAIN && errno != EWOULDBLOCK)
+                        return STEP_ERROR;
+                    sent = 0;
+                }
+                if (sent < n) {
+                    /* the scratch buffer is shared by every pump: keep the tail */
+                    d->tail = PyMem_Malloc((size_t)(n - sent));
+                    if (d->tail == NULL) {
+                        PyErr_NoMemory();
+                        *py_error = 1;
+                        return STEP_ERROR;
+                    }
+                    memcpy(d->tail, buf + sent, (size_t)(n - sent));
+                    d->tail_off = 0;
+                    d->tail_len = n - sent;
+                    d->pending = n - sent;
+                }
+                if (n == SMALL_READ) /* a full buffer: bulk transfer, spliced from now on */
+                    d->chunk = p->pipe_chunk;
+            }
+            return n;
+        }
+        PyObject *pipe = PyObject_CallMethod(p->pool, "acquire", NULL);
+        if (pipe == NULL) {
+            *py_error = 1;
+            return STEP_ERROR;
+        }
+        int r, w;
+        if (!PyArg_ParseTuple(pipe, "ii", &r, &w)) {
+            Py_DECREF(pipe);
+            *py_error = 1;
+            return STEP_ERROR;
+        }
+        d->pipe = pipe;
+        d->pipe_r = r;
+        d->pipe_w = w;
+    }
+    ssize_t n;
+    do
+        n = splice(d->src, NULL, d->pipe_w, NULL, (size_t)d->chunk, SPLICE_FLAGS);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return (errno == EAGAIN || errno == EWOULDBLOCK) ? STEP_AGAIN : STEP_ERROR;
+    if (n > 0) {
+        d->pending = n;
+        ssize_t m;
+        do
+            m = splice(d->pipe_r, NULL, d->dst, NULL, (size_t)n,
+                       SPLICE_FLAGS | (more ? SPLICE_F_MORE : 0));
+        while (m < 0 && errno == EINTR);
+        if (m < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                return STEP_ERROR;
+        }
+        else
+            d->pending -= m;
+    }
+    return n;
+}
+
+/* Write held bytes to d->dst until empty or it would block; -1 with errno set on error. */
+static int
+pump_flush(Pump *p, Dir *d)
+{
+    (void)p;
+    if (d->pipe == NULL) {
+        while (d->tail != NULL && d->tail_off < d->tail_len) {
+            ssize_t s = send_nointr(d->dst, d->tail + d->tail_off, (size_t)(d->tail_len - d->tail_off), 0);
+            if (s < 0)
+                return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
+            d->tail_off += s;
+            d->pending = d->tail_len - d->tail_off;
+        }
+        if (d->tail != NULL && d->pending == 0) {
+            PyMem_Free(d->tail);
+            d->tail = NULL;
+            d->tail_off = d->tail_len = 0;
+        }
+        return 0;
+    }
+    while (d->pending) {
+        ssize_t m;
+        do
+            m = splice(d->pipe_r, NULL, d->dst, NULL, (size_t)d->pending, SPLICE_FLAGS);
+        while (m < 0 && errno == EINTR);
+        if (m < 0)
+            return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
+        d->pending -= m;
+    }
+    return 0;
+}
+
+static int
+pump_finish(Pump *p, Dir *d)
+{
+    Dir *other = d == &p->d[0] ? &p->d[1] : &p->d[0];
+    int last = other->finished;
+    if (p->shutdown_last || !last) {
+        if (shutdown(d->dst, SHUT_WR) < 0 && errno != ENOTCONN)
+            return pump_fail_errno(p, d, 1, errno);
+    }
+    d->finished = 1;
+    if (last && !p->closed) {
+        p->closed = 1;
+        if (p->hooked) {
+            for (int i = 0; i < 2; i++) {
+                pump_unwatch(p, p->d[i].src, 0);
+                pump_unwatch(p, p->d[i].dst, 1);
+            }
+            p->hooked = 0;
+        }
+        return pump_call_done(p, Py_None);
+    }
+    return 0;
+}
+
+/* Returns -1 only when a Python callback raised (the dispatch stops and re-raises). */
+static int
+pump_on_readable(Pump *p, Dir *d, int unprompted)
+{
+    if (p->closed)
+        return 0;
+    int peer_closed = !unprompted && (p->core->ready_events & EPOLLRDHUP);
+    for (int round = 0; round < ROUNDS_PER_WAKEUP; round++) {
+        Py_ssize_t chunk = d->chunk;
+        int py_error = 0;
+        p->reads++;
+        ssize_t n = pump_fill(p, d, peer_closed, &py_error);
+        if (n == STEP_AGAIN)
+            break;
+        if (n == STEP_ERROR) {
+            if (py_error)
+                return pump_fail(p, d, 0);
+            return pump_fail_errno(p, d, 0, errno);
+        }
+        d->moved += n;
+        if (n == 0) {
+            d->eof = 1;
+            pump_unwatch(p, d->src, 0);
+            if (d->pending) {
+                if (pump_watch(p, d->dst, 1, 1) < 0)
+                    return pump_fail(p, d, 0);
+                return 0;
+            }
+            if (pump_release_if_empty(p, d) < 0)
+                return pump_fail(p, d, 0);
+            return pump_finish(p, d);
+        }
+        if (d->pending) {
+            if (pump_flush(p, d) < 0)
+                return pump_fail_errno(p, d, 1, errno);
+            if (d->pending) {
+                /* receiver is slow: stop reading until dst takes what we hold */
+                pump_unwatch(p, d->src, 0);
+                if (pump_watch(p, d->dst, 1, 1) < 0)
+                    return pump_fail(p, d, 0);
+                return 0;
+            }
+        }
+        if (n < chunk && !peer_closed)
+            break; /* a short read: the socket is (almost surely) empty */
+    }
+    if (pump_release_if_empty(p, d) < 0)
+        return pump_fail(p, d, 0);
+    return 0;
+}
+
+static int
+pump_on_writable(Pump *p, Dir *d)
+{
+    if (p->closed)
+        return 0;
+    if (pump_flush(p, d) < 0)
+        return pump_fail_errno(p, d, 1, errno);
+    if (d->pending)
+        return 0;
+    pump_unwatch(p, d->dst, 1);
+    if (pump_release_if_empty(p, d) < 0)
+        return pump_fail(p, d, 0);
+    if (d->eof)
+        return pump_finish(p, d);
+    if (pump_watch(p, d->src, 0, 1) < 0)
+        return pump_fail(p, d, 0);
+    return 0;
+}
+
+static int
+socket_fd(PyObject *sock, int *fd)
+{
+    PyObject *r = PyObject_CallMethod(sock, "fileno", NULL);
+    if (r == NULL)
+        return -1;
+    long v = PyLong_AsLong(r);
+    Py_DECREF(r);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0) {
+        PyErr_SetString(PyExc_ValueError, "socket is closed");
+        return -1;
+    }
+    *fd = (int)v;
+    return 0;
+}
+
+static PyObject *
+pump_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"io", "a", "b", "on_done", "pool", NULL};
+    PyObject *io, *a, *b, *on_done, *pool;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OOOO", kwlist, &CoreType, &io, &a, &b, &on_done,
+                                     &pool))
+        return NULL;
+    int fa, fb;
+    if (socket_fd(a, &fa) < 0 || socket_fd(b, &fb) < 0)
+        return NULL;
+    PyObject *size = PyObject_GetAttrString(pool, "pipe_size");
+    if (size == NULL)
+        return NULL;
+    Py_ssize_t pipe_chunk = PyLong_AsSsize_t(size);
+    Py_DECREF(size);
+    if (pipe_chunk == -1 && PyErr_Occurred())
+        return NULL;
+    Pump *p = (Pump *)type->tp_alloc(type, 0);
+    if (p == NULL)
+        return NULL;
+    Py_INCREF(io);
+    p->core = (Core *)io;
+    Py_INCREF(a);
+    p->a = a;
+    Py_INCREF(b);
+    p->b = b;
+    Py_INCREF(on_done);
+    p->on_done = on_done;
+    Py_INCREF(pool);
+    p->pool = pool;
+    p->pipe_chunk = pipe_chunk > 0 ? pipe_chunk : 65536;
+    p->failed_side = -1;
+    p->shutdown_last = 1;
+    for (int i = 0; i < 2; i++) {
+        Dir *d = &p->d[i];
+        d->src = i == 0 ? fa : fb;
+        d->dst = i == 0 ? fb : fa;
+        d->pipe_r = d->pipe_w = -1;
+        d->chunk = SMALL_READ;
+    }
+    return (PyObject *)p;
+}
+
+static PyObject *
+pump_start(Pump *p, PyObject *Py_UNUSED(ignored))
+{
+    if (p->closed)
+        Py_RETURN_NONE;
+    for (int i = 0; i < 2; i++) {
+        if (pump_watch(p, p->d[i].src, 0, 1) < 0) {
+            PyObject *et, *ev, *tb;
+            PyErr_Fetch(&et, &ev, &tb);
+            pump_unwatch(p, p->d[0].src, 0);
+            pump_unwatch(p, p->d[1].src, 0);
+            PyErr_Restore(et, ev, tb);
+            return NULL;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+pump_close(Pump *p, PyObject *Py_UNUSED(ignored))
+{
+    if (pump_stop(p) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+pump_read_now(Pump *p, PyObject *arg)
+{
+    long index = PyLong_AsLong(arg);
+    if (index == -1 && PyErr_Occurred())
+        return NULL;
+    if (index != 0 && index != 1) {
+        PyErr_SetString(PyExc_ValueError, "index must be 0 or 1");
+        return NULL;
+    }
+    Dir *d = &p->d[index];
+    long long before = d->moved;
+    Py_INCREF(p);
+    int rc = pump_on_readable(p, d, 1);
+    int result = d->moved != before || d->eof || p->closed;
+    Py_DECREF(p);
+    if (rc < 0)
+        return NULL;
+    return PyBool_FromLong(result);
+}
+
+static PyObject *
+pump_get_a_to_b(Pump *p, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(p->d[0].moved);
+}
+
+static PyObject *
+pump_get_b_to_a(Pump *p, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(p->d[1].moved);
+}
+
+static PyObject *
+pump_get_closed(Pump *p, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(p->closed);
+}
+
+static PyObject *
+pump_get_pipes_held(Pump *p, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong((p->d[0].pipe != NULL) + (p->d[1].pipe != NULL));
+}
+
+static PyObject *
+pump_get_reads(Pump *p, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(p->reads);
+}
+
+static PyObject *
+pump_get_held(Pump *p, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(p->d[0].pending + p->d[1].pending);
+}
+
+static PyObject *
+pump_get_shutdown_last(Pump *p, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(p->shutdown_last);
+}
+
+static int
+pump_set_shutdown_last(Pump *p, PyObject *v, void *Py_UNUSED(closure))
+{
+    if (v == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete shutdown_last");
+        return -1;
+    }
+    int t = PyObject_IsTrue(v);
+    if (t < 0)
+        return -1;
+    p->shutdown_last = t;
+    return 0;
+}
+
+static int
+pump_traverse(Pump *p, visitproc visit, void *arg)
+{
+    Py_VISIT(p->core);
+    Py_VISIT(p->a);
+    Py_VISIT(p->b);
+    Py_VISIT(p->on_done);
+    Py_VISIT(p->pool);
+    Py_VISIT(p->d[0].pipe);
+    Py_VISIT(p->d[1].pipe);
+    return 0;
+}
+
+static void
+pump_unhook(Pump *p)
+{
+    if (p->hooked && p->core != NULL) {
+        for (int i = 0; i < 2; i++) {
+            pump_unwatch(p, p->d[i].src, 0);
+            pump_unwatch(p, p->d[i].dst, 1);
+        }
+    }
+    p->hooked = 0;
+}
+
+static int
+pump_clear(Pump *p)
+{
+    pump_unhook(p);
+    Py_CLEAR(p->on_done);
+    Py_CLEAR(p->a);
+    Py_CLEAR(p->b);
+    return 0;
+}
+
+static void
+pump_dealloc(Pump *p)
+{
+    PyObject_GC_UnTrack(p);
+    pump_unhook(p);
+    for (int i = 0; i < 2; i++) {
+        Dir *d = &p->d[i];
+        PyMem_Free(d->tail);
+        d->tail = NULL;
+        if (d->pipe != NULL) {
+            /* Not closed properly: the pipe may hold bytes, so it cannot go back to the pool. */
+            close(d->pipe_r);
+            close(d->pipe_w);
+            Py_CLEAR(d->pipe);
+        }
+    }
+    Py_CLEAR(p->on_done);
+    Py_CLEAR(p->a);
+    Py_CLEAR(p->b);
+    Py_CLEAR(p->pool);
+    Py_CLEAR(p->core);
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+static PyMethodDef pump_methods[] = {
+    {"start", (PyCFunction)pump_start, METH_NOARGS, "Begin relaying both ways."},
+    {"close", (PyCFunction)pump_close, METH_NOARGS,
+     "Stop relaying without calling the completion callback."},
+    {"read_now", (PyCFunction)pump_read_now, METH_O,
+     "Read side index (0: from a) without waiting for readiness; False if nothing was there."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef pump_members[] = {
+    {"failed_side", T_INT, offsetof(Pump, failed_side), 0,
+     "Which socket an error came from: 0 for a, 1 for b, -1 when none."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef pump_getset[] = {
+    {"bytes_a_to_b", (getter)pump_get_a_to_b, NULL, "Bytes read from a so far.", NULL},
+    {"bytes_b_to_a", (getter)pump_get_b_to_a, NULL, "Bytes read from b so far.", NULL},
+    {"closed", (getter)pump_get_closed, NULL, "True once the pump has stopped.", NULL},
+    {"pipes_held", (getter)pump_get_pipes_held, NULL, "Pipes held right now.", NULL},
+    {"reads", (getter)pump_get_reads, NULL, "Read calls made on either source so far.", NULL},
+    {"held", (getter)pump_get_held, NULL, "Bytes read and not yet passed on, both ways.", NULL},
+    {"shutdown_last", (getter)pump_get_shutdown_last, (setter)pump_set_shutdown_last,
+     "False when the caller's close sends the last FIN.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject PumpType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "portway.stream._fastpath.Pump",
+    .tp_basicsize = sizeof(Pump),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Relay between two connected sockets on a compiled EpollSet (C SplicePump).",
+    .tp_new = pump_new,
+    .tp_dealloc = (destructor)pump_dealloc,
+    .tp_traverse = (traverseproc)pump_traverse,
+    .tp_clear = (inquiry)pump_clear,
+    .tp_methods = pump_methods,
+    .tp_members = pump_members,
+    .tp_getset = pump_getset,
+};
+
+static struct PyModuleDef fastpath_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "portway.stream._fastpath",
+    .m_doc = "The raw engine's epoll set and relay pump, compiled.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__fastpath(void)
+{
+    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&PumpType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&fastpath_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&CoreType);
+    Py_INCREF(&PumpType);
+    if (PyModule_AddObject(m, "EpollSet", (PyObject *)&CoreType) < 0 ||
+        PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0 ||
+        PyModule_AddIntConstant(m, "SMALL_READ", SMALL_READ) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
