@@ -29,6 +29,23 @@ _FACTORIES: dict[str, Callable[[], Any]] = {
 }
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """CI sets PORTWAY_REQUIRE_FASTPATH=1: a compiled core that failed to build is an error there,
+    not a quiet fallback to the Python classes."""
+    from portway.stream.epollset import COMPILED
+
+    if os.environ.get("PORTWAY_REQUIRE_FASTPATH") == "1" and not COMPILED:
+        raise pytest.UsageError("PORTWAY_REQUIRE_FASTPATH=1 but portway.stream._fastpath was not built")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from portway.stream.epollset import COMPILED, compiled_enabled
+
+    if not COMPILED:
+        return "raw TCP engine: Python classes (the compiled core was not built; its tests are skipped)"
+    return f"raw TCP engine: {'compiled core' if compiled_enabled() else 'Python classes (PORTWAY_FASTPATH=0)'}"
+
+
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
     return {name: _FACTORIES[name] for name in _LOOPS}
 

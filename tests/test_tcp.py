@@ -18,15 +18,24 @@ from typing import Any, cast
 import pytest
 
 from portway.stream import HookContext, TCPStream, tcp_splice
+from portway.stream.epollset import COMPILED
 from portway.stream.tcp import ENGINE_ENV, HIGH_WATER, _Client
 from portway.stream.tcp_splice import SpliceConn
 from tests.targets import TCPEchoTarget
 
 
-@pytest.fixture(autouse=True, params=["splice", "transport"])
+@pytest.fixture(autouse=True, params=["splice", "splice-python", "transport"])
 def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The engine every TCPStream of the test uses (through the environment override)."""
+    """The engine every TCPStream of the test uses (through the environment override).
+
+    "splice" is the raw engine on its compiled core where that was built; "splice-python" the
+    same engine on the Python epoll set and pump it falls back to (PORTWAY_FASTPATH=0)."""
     name = cast(str, request.param)
+    if name == "splice-python":
+        if not COMPILED:
+            pytest.skip("the compiled core was not built: 'splice' runs the Python classes already")
+        monkeypatch.setenv("PORTWAY_FASTPATH", "0")
+        name = "splice"
     monkeypatch.setenv(ENGINE_ENV, name)
     return name
 

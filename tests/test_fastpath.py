@@ -1,0 +1,159 @@
+"""The compiled core's own fault paths (`stream/_fastpath.c`), on real sockets, under both loops.
+
+Relaying itself is tested with every pump in `test_splice.py` and through the engine in
+`test_tcp.py`; here are the cases only C code can get wrong: a pump's descriptor forgotten in
+the middle of a batch, a completion callback that raises, a pump dropped while registered, a
+closed set, a closed socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from portway.stream.epollset import COMPILED, compiled
+from portway.stream.splice import pipe_pool_for
+
+pytestmark = pytest.mark.skipif(not COMPILED, reason="the compiled core (_fastpath) was not built")
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b
+
+
+@pytest.fixture
+async def es() -> AsyncIterator[compiled.EpollSet]:
+    s = compiled.EpollSet(asyncio.get_running_loop())
+    yield s
+    s.close()
+
+
+async def test_pump_descriptor_forgotten_in_a_batch_gets_no_stale_event(es: compiled.EpollSet) -> None:
+    """A callback earlier in the batch closes a pump and forgets its descriptor, and a new
+    owner takes the number at once: the pump's pending event reaches neither."""
+    loop = asyncio.get_running_loop()
+    a1, b1 = pair()
+    a, client = pair()
+    b, server = pair()
+    done: list[BaseException | None] = []
+    pump = compiled.Pump(es, a, b, done.append, pipe_pool_for(loop))
+    calls: list[str] = []
+    try:
+        pump.start()
+
+        def first() -> None:
+            calls.append("first")
+            a1.recv(100)
+            es.remove_reader(a1.fileno())
+            if pump.bytes_a_to_b == 0:
+                pump.close()
+                es.forget(a.fileno())
+                es.add_reader(a.fileno(), lambda: calls.append("new owner"))
+
+        es.add_reader(a1.fileno(), first)
+        b1.send(b"x")
+        client.send(b"for the pump")
+        es.dispatch()  # one batch holding both descriptors, in the kernel's order
+        assert calls == ["first"]
+        if pump.bytes_a_to_b == 0:  # the Python reader ran first and closed the pump
+            assert pump.closed and done == []
+            es.dispatch()  # level-triggered: the new owner hears of the bytes now
+            assert calls == ["first", "new owner"]
+        else:  # the pump ran first and relayed
+            assert server.recv(100) == b"for the pump"
+    finally:
+        pump.close()
+        for s in (a1, b1, a, b, client, server):
+            es.forget(s.fileno())
+            s.close()
+
+
+async def test_a_raising_completion_callback_reaches_the_loop_and_the_set_goes_on(
+    es: compiled.EpollSet,
+) -> None:
+    loop = asyncio.get_running_loop()
+    a, client = pair()
+    b, server = pair()
+
+    def done(exc: BaseException | None) -> None:
+        raise RuntimeError("bug in on_done")
+
+    pump = compiled.Pump(es, a, b, done, pipe_pool_for(loop))
+    other_a, other_b = pair()
+    try:
+        pump.start()
+        client.shutdown(socket.SHUT_WR)
+        server.shutdown(socket.SHUT_WR)
+        with pytest.raises(RuntimeError, match="bug in on_done"):
+            es.dispatch()  # both EOFs are queued (socket pairs are synchronous): one batch
+        assert pump.closed
+        assert not es.watching(a.fileno()) and not es.watching(b.fileno())
+        got = asyncio.Event()
+        es.add_reader(other_a.fileno(), got.set)
+        other_b.send(b"y")
+        await got.wait()  # the loop still dispatches the set
+    finally:
+        pump.close()
+        for s in (a, b, client, server, other_a, other_b):
+            es.forget(s.fileno())
+            s.close()
+
+
+async def test_a_pump_dropped_while_registered_unhooks_itself(es: compiled.EpollSet) -> None:
+    loop = asyncio.get_running_loop()
+    a, client = pair()
+    b, server = pair()
+    try:
+        pump = compiled.Pump(es, a, b, lambda exc: None, pipe_pool_for(loop))
+        pump.start()
+        assert es.watching(a.fileno()) and es.watching(b.fileno())
+        del pump
+        gc.collect()
+        assert not es.watching(a.fileno()) and not es.watching(b.fileno())
+        client.send(b"nobody reads this")
+        es.dispatch()  # no event for a pump that is gone
+        assert a.recv(100) == b"nobody reads this"
+    finally:
+        for s in (a, b, client, server):
+            es.forget(s.fileno())
+            s.close()
+
+
+async def test_a_closed_set_refuses_new_interest_with_a_clear_error() -> None:
+    loop = asyncio.get_running_loop()
+    es = compiled.EpollSet(loop)
+    a, client = pair()
+    b, server = pair()
+    try:
+        pump = compiled.Pump(es, a, b, lambda exc: None, pipe_pool_for(loop))
+        es.close()
+        assert es.closed
+        with pytest.raises(ValueError, match="closed epoll set"):
+            es.add_reader(a.fileno(), lambda: None)
+        with pytest.raises(ValueError, match="closed epoll set"):
+            pump.start()
+        assert not es.remove_reader(a.fileno())
+        pump.close()
+    finally:
+        for s in (a, b, client, server):
+            s.close()
+
+
+async def test_a_pump_on_a_closed_socket_is_refused(es: compiled.EpollSet) -> None:
+    loop = asyncio.get_running_loop()
+    a, b = pair()
+    b.close()
+    try:
+        with pytest.raises(ValueError, match="socket is closed"):
+            compiled.Pump(es, a, b, lambda exc: None, pipe_pool_for(loop))
+        with pytest.raises(ValueError, match="invalid file descriptor"):
+            es.add_reader(-1, lambda: None)
+    finally:
+        a.close()
