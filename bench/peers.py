@@ -162,6 +162,9 @@ def proxies(workers: int | None = None) -> dict[str, Proxy]:
         "portway-sni": Proxy("portway-sni", _portway(workers, "sni"), udp=True),
         "portway-pool": Proxy("portway-pool", _portway(workers, "pool"), udp=True),
         "portway-admin": Proxy("portway-admin", _portway(workers, "admin"), udp=True),
+        # The same build on its pure-Python core (what runs where the C extension was not built):
+        # the compiled core's gain, measured in one run.
+        "portway-python": Proxy("portway-python", _portway(workers), udp=True, env={"PORTWAY_FASTPATH": "0"}),
         "haproxy": Proxy("haproxy", _haproxy, udp=False),
         "nginx": Proxy("nginx", _nginx, udp=True),
         # One process per connection: thousands of idle socat processes measure fork, not relaying.

@@ -42,8 +42,9 @@ def pytest_report_header(config: pytest.Config) -> str:
     from portway.stream.epollset import COMPILED, compiled_enabled
 
     if not COMPILED:
-        return "raw TCP engine: Python classes (the compiled core was not built; its tests are skipped)"
-    return f"raw TCP engine: {'compiled core' if compiled_enabled() else 'Python classes (PORTWAY_FASTPATH=0)'}"
+        return "raw TCP engine, UDP sessions: Python (the compiled core was not built; its tests skip)"
+    used = "compiled core" if compiled_enabled() else "Python (PORTWAY_FASTPATH=0)"
+    return f"raw TCP engine, UDP sessions: {used}"
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:

@@ -3,7 +3,8 @@
 Relaying itself is tested with every pump in `test_splice.py` and through the engine in
 `test_tcp.py`; here are the cases only C code can get wrong: a pump's descriptor forgotten in
 the middle of a batch, a completion callback that raises, a pump dropped while registered, a
-closed set, a closed socket.
+closed set, a closed socket; and the UDP lane's: bursts, a closed listener, ICMP
+unreachable, bad addresses.
 """
 
 from __future__ import annotations
@@ -157,3 +158,96 @@ async def test_a_pump_on_a_closed_socket_is_refused(es: compiled.EpollSet) -> No
             es.add_reader(-1, lambda: None)
     finally:
         a.close()
+
+
+def udp_pair() -> tuple[socket.socket, socket.socket]:
+    """A session socket connected to a target socket, both bound on loopback."""
+    target = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    target.bind(("127.0.0.1", 0))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.connect(target.getsockname())
+    target.connect(sock.getsockname())
+    return sock, target
+
+
+def udp_socket() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.setblocking(False)
+    return s
+
+
+async def recv_from(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[bytes] = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: got.done() or got.set_result(sock.recv(70000)))
+    try:
+        return await asyncio.wait_for(got, 5)
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def test_a_lane_relays_a_burst_of_replies_whole_and_in_order(es: compiled.EpollSet) -> None:
+    """More replies than one recvmmsg takes, of every size up to the largest datagram."""
+    sock, target = udp_pair()
+    listener, client = udp_socket(), udp_socket()
+    outlet = compiled.Outlet(listener.fileno())
+    lane = compiled.Lane(es, sock, outlet, socket.AF_INET, client.getsockname(), lambda exc: None)
+    replies = [bytes([i]) * size for i, size in enumerate((1, 65507, 300, *range(1, 30)))]
+    try:
+        lane.start()
+        for r in replies:
+            target.send(r)
+        for r in replies:
+            assert await recv_from(client) == r
+        assert (lane.dgrams_down, lane.bytes_down) == (len(replies), sum(map(len, replies)))
+        assert lane.touched
+    finally:
+        lane.close()
+        es.forget(sock.fileno())
+        for s in (sock, target, listener, client):
+            s.close()
+
+
+async def test_a_lane_reports_icmp_unreachable_and_drops_replies_once_its_outlet_closed(
+    es: compiled.EpollSet,
+) -> None:
+    sock, target = udp_pair()
+    listener, client = udp_socket(), udp_socket()
+    outlet = compiled.Outlet(listener.fileno())
+    errors: asyncio.Queue[OSError] = asyncio.Queue()
+    lane = compiled.Lane(es, sock, outlet, socket.AF_INET, client.getsockname(), errors.put_nowait)
+    try:
+        lane.start()
+        outlet.close()
+        target.send(b"nobody gets this")  # loopback delivers it before send returns
+        es.dispatch()
+        assert lane.dgrams_down == 1  # received and counted, not sent: the listener is gone
+        with pytest.raises(BlockingIOError):
+            client.recv(100)
+        target.close()  # the target's port is closed: the next datagram draws ICMP unreachable
+        lane.send(b"anyone?")
+        exc = await asyncio.wait_for(errors.get(), 5)
+        assert isinstance(exc, ConnectionRefusedError)
+    finally:
+        lane.close()
+        es.forget(sock.fileno())
+        for s in (sock, target, listener, client):
+            s.close()
+
+
+async def test_a_lane_refuses_a_bad_client_address_by_name(es: compiled.EpollSet) -> None:
+    sock, target = udp_pair()
+    listener = udp_socket()
+    outlet = compiled.Outlet(listener.fileno())
+    try:
+        with pytest.raises(ValueError, match="invalid client address"):
+            compiled.Lane(es, sock, outlet, socket.AF_INET, ("not-an-ip", 53), lambda exc: None)
+        with pytest.raises(ValueError, match="unsupported address family"):
+            compiled.Lane(es, sock, outlet, socket.AF_UNIX, ("127.0.0.1", 53), lambda exc: None)
+        with pytest.raises(ValueError, match="invalid file descriptor"):
+            compiled.Outlet(-1)
+    finally:
+        for s in (sock, target, listener):
+            s.close()

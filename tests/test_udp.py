@@ -11,7 +11,19 @@ from collections.abc import AsyncIterator
 import pytest
 
 from portway.stream import HookContext, UDPStream
+from portway.stream.epollset import COMPILED
 from tests.targets import UDPClient, UDPEchoTarget
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def core(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test once with sessions on compiled lanes (where the core was built) and once on
+    asyncio transports (PORTWAY_FASTPATH=0, as where it was not)."""
+    if request.param == "compiled" and not COMPILED:
+        pytest.skip("the compiled core was not built: the 'python' run covers this machine")
+    if request.param == "python":
+        monkeypatch.setenv("PORTWAY_FASTPATH", "0")
+    return str(request.param)
 
 
 @pytest.fixture
@@ -95,6 +107,50 @@ async def test_idle_sessions_expire(udp_echo: UDPEchoTarget) -> None:
         client.close()
     finally:
         await stream.close()
+
+
+async def test_replies_go_through_a_lane_on_the_compiled_core_and_are_counted(
+    proxy: UDPStream, core: str
+) -> None:
+    client = await client_for(proxy)
+    for size in (1, 100, 1000):
+        client.send(b"r" * size)
+        assert await client.recv() == b"r" * size
+    (session,) = proxy.sessions
+    assert (session.lane is not None) == (core == "compiled")
+    assert session.down() == (1101, 3)
+    await proxy.close()
+    assert session.lane is None and (session.bytes_down, session.dgrams_down) == (1101, 3)
+    client.close()
+
+
+async def test_target_that_only_replies_keeps_the_session(core: str) -> None:
+    """Replies count as activity, also where they never enter Python (a lane)."""
+    loop = asyncio.get_running_loop()
+    sources: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+
+    class Learn(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            sources.put_nowait(addr)
+
+    target, _ = await loop.create_datagram_endpoint(Learn, local_addr=("127.0.0.1", 0))
+    port = target.get_extra_info("sockname")[1]
+    stream = UDPStream("udp4", "127.0.0.1:0", f"127.0.0.1:{port}", idle_timeout=0.4)
+    await stream.listen_and_serve()
+    try:
+        client = await client_for(stream)
+        client.send(b"hello")
+        session_addr = await sources.get()
+        end = loop.time() + 1.0  # well past the idle timeout
+        while loop.time() < end:
+            target.sendto(b"tick", session_addr)
+            assert await client.recv() == b"tick"
+            await asyncio.sleep(0.05)  # the traffic pattern under test, not synchronisation
+        assert len(stream.sessions) == 1 and sources.empty()  # the same session throughout
+        client.close()
+    finally:
+        await stream.close()
+        target.close()
 
 
 async def test_client_that_only_sends_keeps_its_session() -> None:

@@ -23,6 +23,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -43,15 +45,16 @@
 #define STEP_ERROR (-1)
 
 typedef struct Pump Pump;
+typedef struct Lane Lane;
 
-/* One descriptor: Python callbacks (the loop interface), or a pump's native interest, or both
- * for the moment a dial's writer hands the target socket over to its pump. */
+/* One descriptor: Python callbacks (the loop interface), or a pump's or a UDP lane's native
+ * interest, or both for the moment a dial's writer hands the target socket over to its pump. */
 typedef struct {
     PyObject *reader, *reader_args, *writer, *writer_args;
-    Pump *pump;            /* borrowed: a pump unhooks itself before it goes */
+    Pump *pump;            /* borrowed: a pump (or, when `lane`, a Lane) unhooks itself before it goes */
     uint32_t armed;        /* the mask the kernel has; 0: not added */
     uint64_t gone_epoch;   /* forgotten during this batch: skip its remaining events */
-    uint8_t used, dirty, native_read, native_write;
+    uint8_t used, dirty, native_read, native_write, lane;
 } Watch;
 
 typedef struct {
@@ -66,6 +69,7 @@ typedef struct {
     uint64_t epoch;
     unsigned int ready_events;
     char *scratch;
+    char *dgram; /* a whole datagram, for UDP lanes (allocated with the first) */
     PyObject *weakreflist;
 } Core;
 
@@ -142,6 +146,7 @@ core_apply(Core *c, int fd)
     if (want == 0) {
         w->used = 0;
         w->pump = NULL;
+        w->lane = 0;
         if (have) {
             w->armed = 0;
             epoll_ctl(c->epfd, EPOLL_CTL_DEL, fd, NULL); /* already closed: the kernel dropped it */
@@ -214,6 +219,7 @@ check_fd(Core *c, int fd)
 }
 
 static int pump_fail_errno(Pump *p, Dir *d, int writing, int err);
+static int lane_report_errno(Lane *l, int err);
 
 /* After a batch: apply the interest changes it made. A descriptor the kernel refuses (closed by
  * a bug, or out of watches) is reported ready, so its owner's next syscall fails and tears the
@@ -232,6 +238,7 @@ core_flush(Core *c)
             continue;
         int err = errno;
         Pump *pump = w->pump;
+        int is_lane = w->lane;
         PyObject *cb = w->reader ? w->reader : w->writer;
         PyObject *args = w->reader ? w->reader_args : w->writer_args;
         if (cb != NULL) {
@@ -259,11 +266,11 @@ core_flush(Core *c)
         w = &c->watches[fd];
         watch_clear_python(w);
         w->used = 0;
-        w->native_read = w->native_write = 0;
+        w->native_read = w->native_write = w->lane = 0;
         w->pump = NULL;
         w->armed = 0;
         if (pump != NULL && result == 0) {
-            if (pump_fail_errno(pump, NULL, 0, err) < 0)
+            if ((is_lane ? lane_report_errno((Lane *)pump, err) : pump_fail_errno(pump, NULL, 0, err)) < 0)
                 result = -1;
         }
         if (result < 0)
@@ -285,6 +292,7 @@ core_flush(Core *c)
 
 static int pump_on_readable(Pump *p, Dir *d, int unprompted);
 static int pump_on_writable(Pump *p, Dir *d);
+static int lane_on_readable(Lane *l);
 
 static PyObject *
 core_dispatch(Core *c, PyObject *Py_UNUSED(ignored))
@@ -311,7 +319,13 @@ core_dispatch(Core *c, PyObject *Py_UNUSED(ignored))
             continue;
         c->ready_events = ev;
         if (ev & EV_READ) {
-            if (w->native_read) {
+            if (w->native_read && w->lane) {
+                Lane *l = (Lane *)w->pump;
+                Py_INCREF(l);
+                failed = lane_on_readable(l) < 0;
+                Py_DECREF(l);
+            }
+            else if (w->native_read) {
                 Pump *p = w->pump;
                 Py_INCREF(p);
                 failed = pump_on_readable(p, fd == p->d[0].src ? &p->d[0] : &p->d[1], 0) < 0;
@@ -498,7 +512,7 @@ core_forget(Core *c, PyObject *arg)
     w->used = 0;
     w->dirty = 0;
     w->armed = 0;
-    w->native_read = w->native_write = 0;
+    w->native_read = w->native_write = w->lane = 0;
     w->pump = NULL;
     if (c->dispatching)
         w->gone_epoch = c->epoch;
@@ -509,16 +523,20 @@ core_forget(Core *c, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static void lane_unhooked(Lane *l);
+
 static void
 core_release_all(Core *c)
 {
     for (int fd = 0; fd < c->nwatches; fd++) {
         Watch *w = &c->watches[fd];
         watch_clear_python(w);
-        if (w->pump != NULL)
+        if (w->pump != NULL && w->lane)
+            lane_unhooked((Lane *)w->pump);
+        else if (w->pump != NULL)
             w->pump->hooked = 0;
         w->pump = NULL;
-        w->used = w->dirty = w->native_read = w->native_write = 0;
+        w->used = w->dirty = w->native_read = w->native_write = w->lane = 0;
         w->armed = 0;
     }
     c->ndirty = 0;
@@ -646,6 +664,7 @@ core_dealloc(Core *c)
     PyMem_Free(c->watches);
     PyMem_Free(c->dirty);
     PyMem_Free(c->scratch);
+    PyMem_Free(c->dgram);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
@@ -705,7 +724,7 @@ pump_watch(Pump *p, int fd, int writing, int on)
     if (fd >= c->nwatches)
         return 0;
     Watch *w = &c->watches[fd];
-    if (!on && w->pump != p)
+    if (!on && (w->pump != p || w->lane))
         return 0; /* forgotten meanwhile */
     if (writing)
         w->native_write = (uint8_t)on;
@@ -713,6 +732,7 @@ pump_watch(Pump *p, int fd, int writing, int on)
         w->native_read = (uint8_t)on;
     if (on) {
         w->pump = p;
+        w->lane = 0;
         w->used = 1;
         p->hooked = 1;
     }
@@ -1314,25 +1334,494 @@ static PyTypeObject PumpType = {
     .tp_getset = pump_getset,
 };
 
+/* ---- UDP: a session's replies ------------------------------------------------------------- */
+
+/* The listening socket replies leave through, shared by every lane of one listener. Closed
+ * (fd -1) by the listener before its socket closes, so a lane that outlives it drops replies
+ * instead of writing to a descriptor number the process may already have reused. */
+typedef struct {
+    PyObject_HEAD
+    int fd;
+} Outlet;
+
+static PyTypeObject OutletType;
+
+struct Lane {
+    PyObject_HEAD
+    Core *core;
+    PyObject *sock;   /* the session's socket, connected to its target: kept alive */
+    Outlet *outlet;
+    PyObject *on_error;
+    int fd;
+    struct sockaddr_storage client;
+    socklen_t client_len;
+    long long bytes_down, dgrams_down;
+    int touched, closed, hooked;
+};
+
+static PyTypeObject LaneType;
+
+/* Datagrams relayed per wake-up before yielding to other descriptors (level-triggered: the rest
+ * are reported again), taken LANE_VLEN at a time. */
+#define LANE_BATCH 64
+#define LANE_VLEN 8
+/* The largest UDP payload (IPv6 without jumbograms); a datagram is never cut. */
+#define DATAGRAM_MAX 65536
+
+static int
+lane_watch(Lane *l, int on)
+{
+    Core *c = l->core;
+    if (on && check_fd(c, l->fd) < 0)
+        return -1;
+    if (l->fd >= c->nwatches)
+        return 0;
+    Watch *w = &c->watches[l->fd];
+    if (!on && (w->pump != (Pump *)l || !w->lane))
+        return 0; /* forgotten meanwhile */
+    w->native_read = (uint8_t)on;
+    if (on) {
+        w->pump = (Pump *)l;
+        w->lane = 1;
+        w->used = 1;
+        l->hooked = 1;
+    }
+    else
+        l->hooked = 0;
+    return core_changed(c, l->fd);
+}
+
+static void
+lane_unhooked(Lane *l)
+{
+    l->hooked = 0;
+}
+
+static void
+lane_unhook(Lane *l)
+{
+    if (l->hooked && l->core != NULL && lane_watch(l, 0) < 0)
+        PyErr_Clear();
+    l->hooked = 0;
+}
+
+/* Report an error of the session's socket (ICMP unreachable from the target surfaces as
+ * ECONNREFUSED) to Python, as a transport's error_received would. -1 only if that raised. */
+static int
+lane_report_errno(Lane *l, int err)
+{
+    errno = err;
+    PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    PyErr_NormalizeException(&et, &ev, &tb);
+    Py_XDECREF(et);
+    Py_XDECREF(tb);
+    if (ev == NULL)
+        return -1;
+    PyObject *r = PyObject_CallOneArg(l->on_error, ev);
+    Py_DECREF(ev);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static int
+lane_on_readable(Lane *l)
+{
+    if (l->closed)
+        return 0;
+    Core *c = l->core;
+    if (c->dgram == NULL) {
+        c->dgram = PyMem_Malloc((size_t)LANE_VLEN * DATAGRAM_MAX);
+        if (c->dgram == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    /* recvmmsg: the replies queued, in one call that does not end with a failing EAGAIN read
+     * (as a recv loop would, once per wake-up); sendmmsg passes them all to the client. */
+    struct mmsghdr msgs[LANE_VLEN];
+    struct iovec iov[LANE_VLEN];
+    for (int round = 0; round < LANE_BATCH / LANE_VLEN && !l->closed; round++) {
+        memset(msgs, 0, sizeof(msgs));
+        for (int i = 0; i < LANE_VLEN; i++) {
+            iov[i].iov_base = c->dgram + (size_t)i * DATAGRAM_MAX;
+            iov[i].iov_len = DATAGRAM_MAX;
+            msgs[i].msg_hdr.msg_iov = &iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        int n;
+        do
+            n = recvmmsg(l->fd, msgs, LANE_VLEN, MSG_DONTWAIT, NULL);
+        while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            return lane_report_errno(l, errno);
+        }
+        for (int i = 0; i < n; i++) {
+            l->bytes_down += msgs[i].msg_len;
+            iov[i].iov_len = msgs[i].msg_len;
+            msgs[i].msg_hdr.msg_name = &l->client;
+            msgs[i].msg_hdr.msg_namelen = l->client_len;
+        }
+        l->dgrams_down += n;
+        l->touched = 1;
+        int out = l->outlet->fd;
+        if (out >= 0 && n > 0) {
+            /* A full listener buffer drops replies, as UDP may (no unbounded queue here). */
+            int s;
+            do
+                s = n == 1 ? (int)sendto(out, iov[0].iov_base, iov[0].iov_len, MSG_DONTWAIT | MSG_NOSIGNAL,
+                                         (struct sockaddr *)&l->client, l->client_len)
+                           : sendmmsg(out, msgs, (unsigned int)n, MSG_DONTWAIT | MSG_NOSIGNAL);
+            while (s < 0 && errno == EINTR);
+        }
+        if (n < LANE_VLEN)
+            break; /* fewer than asked for: the socket is empty now */
+    }
+    return 0;
+}
+
+static int
+parse_client(PyObject *addr, int family, struct sockaddr_storage *ss, socklen_t *len)
+{
+    const char *host;
+    int port;
+    unsigned int flowinfo = 0, scope_id = 0;
+    memset(ss, 0, sizeof(*ss));
+    if (family == AF_INET) {
+        struct sockaddr_in *sin = (struct sockaddr_in *)ss;
+        if (!PyArg_ParseTuple(addr, "si", &host, &port))
+            return -1;
+        if (inet_pton(AF_INET, host, &sin->sin_addr) != 1)
+            goto bad;
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons((uint16_t)port);
+        *len = sizeof(*sin);
+    }
+    else if (family == AF_INET6) {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)ss;
+        if (!PyArg_ParseTuple(addr, "si|II", &host, &port, &flowinfo, &scope_id))
+            return -1;
+        if (inet_pton(AF_INET6, host, &sin6->sin6_addr) != 1)
+            goto bad;
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons((uint16_t)port);
+        sin6->sin6_flowinfo = htonl(flowinfo);
+        sin6->sin6_scope_id = scope_id;
+        *len = sizeof(*sin6);
+    }
+    else {
+        PyErr_Format(PyExc_ValueError, "unsupported address family %d", family);
+        return -1;
+    }
+    if (port < 0 || port > 65535)
+        goto bad;
+    return 0;
+bad:
+    PyErr_Format(PyExc_ValueError, "invalid client address %R", addr);
+    return -1;
+}
+
+static PyObject *
+lane_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"io", "sock", "outlet", "family", "client", "on_error", NULL};
+    PyObject *io, *sock, *outlet, *client, *on_error;
+    int family, fd;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO!iOO", kwlist, &CoreType, &io, &sock, &OutletType,
+                                     &outlet, &family, &client, &on_error))
+        return NULL;
+    if (socket_fd(sock, &fd) < 0)
+        return NULL;
+    Lane *l = (Lane *)type->tp_alloc(type, 0);
+    if (l == NULL)
+        return NULL;
+    if (parse_client(client, family, &l->client, &l->client_len) < 0) {
+        Py_DECREF(l);
+        return NULL;
+    }
+    Py_INCREF(io);
+    l->core = (Core *)io;
+    Py_INCREF(sock);
+    l->sock = sock;
+    Py_INCREF(outlet);
+    l->outlet = (Outlet *)outlet;
+    Py_INCREF(on_error);
+    l->on_error = on_error;
+    l->fd = fd;
+    return (PyObject *)l;
+}
+
+static PyObject *
+lane_start(Lane *l, PyObject *Py_UNUSED(ignored))
+{
+    if (l->closed)
+        Py_RETURN_NONE;
+    if (lane_watch(l, 1) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* Client -> target: one send on the connected socket. A full socket buffer drops the datagram
+ * (UDP may); an error (ECONNREFUSED after an ICMP unreachable) goes to on_error. */
+static PyObject *
+lane_send(Lane *l, PyObject *arg)
+{
+    Py_buffer view;
+    if (l->closed)
+        Py_RETURN_NONE;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    ssize_t s;
+    do
+        s = send(l->fd, view.buf, (size_t)view.len, MSG_DONTWAIT | MSG_NOSIGNAL);
+    while (s < 0 && errno == EINTR);
+    int err = errno;
+    PyBuffer_Release(&view);
+    if (s < 0 && err != EAGAIN && err != EWOULDBLOCK && lane_report_errno(l, err) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+lane_close(Lane *l, PyObject *Py_UNUSED(ignored))
+{
+    l->closed = 1;
+    lane_unhook(l);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+lane_get_bytes_down(Lane *l, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(l->bytes_down);
+}
+
+static PyObject *
+lane_get_dgrams_down(Lane *l, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(l->dgrams_down);
+}
+
+static PyObject *
+lane_get_closed(Lane *l, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(l->closed);
+}
+
+static PyObject *
+lane_get_touched(Lane *l, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(l->touched);
+}
+
+static int
+lane_set_touched(Lane *l, PyObject *v, void *Py_UNUSED(closure))
+{
+    if (v == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete touched");
+        return -1;
+    }
+    int t = PyObject_IsTrue(v);
+    if (t < 0)
+        return -1;
+    l->touched = t;
+    return 0;
+}
+
+static int
+lane_traverse(Lane *l, visitproc visit, void *arg)
+{
+    Py_VISIT(l->core);
+    Py_VISIT(l->sock);
+    Py_VISIT(l->outlet);
+    Py_VISIT(l->on_error);
+    return 0;
+}
+
+static int
+lane_clear(Lane *l)
+{
+    lane_unhook(l);
+    Py_CLEAR(l->on_error);
+    Py_CLEAR(l->sock);
+    return 0;
+}
+
+static void
+lane_dealloc(Lane *l)
+{
+    PyObject_GC_UnTrack(l);
+    lane_unhook(l);
+    Py_CLEAR(l->on_error);
+    Py_CLEAR(l->sock);
+    Py_CLEAR(l->outlet);
+    Py_CLEAR(l->core);
+    Py_TYPE(l)->tp_free((PyObject *)l);
+}
+
+static PyMethodDef lane_methods[] = {
+    {"start", (PyCFunction)lane_start, METH_NOARGS, "Relay the target's replies from now on."},
+    {"send", (PyCFunction)lane_send, METH_O, "Send one datagram to the target."},
+    {"close", (PyCFunction)lane_close, METH_NOARGS, "Stop relaying (the caller closes the socket)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef lane_getset[] = {
+    {"bytes_down", (getter)lane_get_bytes_down, NULL, "Reply bytes received from the target.", NULL},
+    {"dgrams_down", (getter)lane_get_dgrams_down, NULL, "Replies received from the target.", NULL},
+    {"closed", (getter)lane_get_closed, NULL, "True once closed.", NULL},
+    {"touched", (getter)lane_get_touched, (setter)lane_set_touched,
+     "Set by every reply; the idle sweep clears it.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "portway.stream._fastpath.Lane",
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A UDP session's socket to its target: sends, and relays the replies in C.",
+    .tp_new = lane_new,
+    .tp_dealloc = (destructor)lane_dealloc,
+    .tp_traverse = (traverseproc)lane_traverse,
+    .tp_clear = (inquiry)lane_clear,
+    .tp_methods = lane_methods,
+    .tp_getset = lane_getset,
+};
+
+static PyObject *
+outlet_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fd", NULL};
+    int fd;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i", kwlist, &fd))
+        return NULL;
+    if (fd < 0) {
+        PyErr_Format(PyExc_ValueError, "invalid file descriptor %d", fd);
+        return NULL;
+    }
+    Outlet *o = (Outlet *)type->tp_alloc(type, 0);
+    if (o != NULL)
+        o->fd = fd;
+    return (PyObject *)o;
+}
+
+static PyObject *
+outlet_close(Outlet *o, PyObject *Py_UNUSED(ignored))
+{
+    o->fd = -1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+outlet_get_closed(Outlet *o, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(o->fd < 0);
+}
+
+static PyMethodDef outlet_methods[] = {
+    {"close", (PyCFunction)outlet_close, METH_NOARGS,
+     "The listening socket is closing: replies are dropped from now on."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef outlet_getset[] = {
+    {"closed", (getter)outlet_get_closed, NULL, "True once closed.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject OutletType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "portway.stream._fastpath.Outlet",
+    .tp_basicsize = sizeof(Outlet),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The listening socket UDP replies leave through (not owned: never closed here).",
+    .tp_new = outlet_new,
+    .tp_methods = outlet_methods,
+    .tp_getset = outlet_getset,
+};
+
+
+/* ---- accept ------------------------------------------------------------------------------ */
+
+/* accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC: the new socket is non-blocking from the start, so
+ * the caller wraps it with type SOCK_STREAM | SOCK_NONBLOCK and skips the ioctl(FIONBIO) that
+ * socket.accept() + setblocking(False) costs per connection. Returns (fd, address) with the
+ * address as the socket module gives it. */
+static PyObject *
+fp_accept(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    int lfd;
+    if (parse_fd(arg, &lfd) < 0)
+        return NULL;
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof(ss);
+    int fd;
+    do
+        fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    char host[INET6_ADDRSTRLEN];
+    PyObject *addr = NULL;
+    if (ss.ss_family == AF_INET) {
+        struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
+        if (inet_ntop(AF_INET, &sin->sin_addr, host, sizeof(host)) != NULL)
+            addr = Py_BuildValue("(si)", host, ntohs(sin->sin_port));
+    }
+    else if (ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
+        if (inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof(host)) != NULL)
+            addr = Py_BuildValue("(siII)", host, ntohs(sin6->sin6_port), ntohl(sin6->sin6_flowinfo),
+                                 sin6->sin6_scope_id);
+    }
+    else
+        PyErr_Format(PyExc_ValueError, "unsupported address family %d", ss.ss_family);
+    if (addr == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetFromErrno(PyExc_OSError);
+        close(fd);
+        return NULL;
+    }
+    return Py_BuildValue("(iN)", fd, addr);
+}
+
+static PyMethodDef fastpath_functions[] = {
+    {"accept", (PyCFunction)fp_accept, METH_O,
+     "accept(listen_fd) -> (fd, address): a non-blocking, close-on-exec connection."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef fastpath_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "portway.stream._fastpath",
     .m_doc = "The raw engine's epoll set and relay pump, compiled.",
     .m_size = -1,
+    .m_methods = fastpath_functions,
 };
 
 PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
-    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&PumpType) < 0)
+    if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&PumpType) < 0 || PyType_Ready(&LaneType) < 0 ||
+        PyType_Ready(&OutletType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&fastpath_module);
     if (m == NULL)
         return NULL;
     Py_INCREF(&CoreType);
     Py_INCREF(&PumpType);
+    Py_INCREF(&LaneType);
+    Py_INCREF(&OutletType);
     if (PyModule_AddObject(m, "EpollSet", (PyObject *)&CoreType) < 0 ||
         PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0 ||
+        PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0 ||
+        PyModule_AddObject(m, "Outlet", (PyObject *)&OutletType) < 0 ||
         PyModule_AddIntConstant(m, "SMALL_READ", SMALL_READ) < 0) {
         Py_DECREF(m);
         return NULL;

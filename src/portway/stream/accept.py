@@ -27,10 +27,12 @@ from collections.abc import Callable
 from typing import Any
 
 from portway.loops import loop_name
-from portway.stream.epollset import epoll_set_for
+from portway.stream.epollset import compiled, compiled_enabled, epoll_set_for
 
 #: Takes ownership of an accepted, non-blocking socket and the peer address `accept` returned.
 SocketHandler = Callable[[socket.SocketType, Any], None]
+
+_NONBLOCK_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 log = logging.getLogger("portway.accept")
 
@@ -80,13 +82,18 @@ class _AsyncioAcceptor(Listener):
         # An int, read once: `sock.family` builds an AddressFamily enum on every access.
         self.family = int(sock.family)
         self.batch = _BATCH if on_socket is None else _RAW_BATCH
+        #: The compiled core's accept4(SOCK_NONBLOCK): the raw engine's sockets then need no
+        #: ioctl to become non-blocking (None: the socket module's accept and setblocking).
+        self.accept_nonblocking = compiled.accept if on_socket is not None and compiled_enabled() else None
         loop.add_reader(sock.fileno(), self._on_readable)
 
     def _on_readable(self) -> None:
-        sock, on_socket = self.sock, self.on_socket
+        sock, on_socket, accept_nonblocking = self.sock, self.on_socket, self.accept_nonblocking
         for _ in range(self.batch):
             try:
-                if on_socket is not None:
+                if accept_nonblocking is not None:
+                    fd, addr = accept_nonblocking(sock.fileno())
+                elif on_socket is not None:
                     # The C-level accept and socket type: socket.accept() and the socket.socket
                     # class add Python frames to every connection and to every close.
                     fd, addr = sock._accept()  # type: ignore[attr-defined]  # (not in typeshed)
@@ -117,13 +124,16 @@ class _AsyncioAcceptor(Listener):
             self.backoff = _BACKOFF_MIN
 
     def _hand_over(self, on_socket: SocketHandler, fd: int, addr: Any) -> None:
+        nonblocking = self.accept_nonblocking is not None
         try:
-            conn = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
+            # SOCK_NONBLOCK in the type tells the socket object it is non-blocking already.
+            conn = _socket.socket(self.family, _NONBLOCK_STREAM if nonblocking else socket.SOCK_STREAM, 0, fd)
         except OSError:
             os.close(fd)
             return
         try:
-            conn.setblocking(False)
+            if not nonblocking:
+                conn.setblocking(False)
             on_socket(conn, addr)
         except Exception:
             # The handler owns the socket once called and cleans up after itself; an escaping

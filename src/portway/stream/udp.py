@@ -4,6 +4,13 @@ Replies come back on the session's socket and leave through the listening socket
 sees one peer. Datagrams are forwarded whole (up to 64 KiB) and in order: each direction is a
 single callback chain with no task per datagram, unlike relays that spawn a goroutine or task per
 datagram and so may reorder them.
+
+Where the raw engine's compiled core is built (`stream/_fastpath.c`), a session's socket is a
+*lane* on the engine's epoll set instead of an asyncio transport: the client's datagrams are
+sent with one C call, and the target's replies go out through the listening socket without
+entering Python at all (counted in C; the idle sweep reads a flag). Sessions with an `on_read`
+hook, and routes on a shared port, keep transports: every reply must pass the hook, and a
+shared listener's socket belongs to it.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from portway.logs import BurstLog
 from portway.proxy_protocol import build_v2
 from portway.stream.base import Direction, Hook
 from portway.stream.endpoint import Endpoint
+from portway.stream.epollset import compiled, compiled_enabled, epoll_set_for
 from portway.stream.sessions import SessionTable
 
 if TYPE_CHECKING:
@@ -65,6 +73,8 @@ class _Session(asyncio.DatagramProtocol):
         "generation",
         "holding",
         "idle",
+        "lane",
+        "lane_sock",
         "member",
         "moved",
         "queue",
@@ -96,6 +106,9 @@ class _Session(asyncio.DatagramProtocol):
         self.moved = False
         self.bytes_up = self.bytes_down = self.dgrams_up = self.dgrams_down = 0
         self.started = time.time()
+        #: The compiled relay of this session's socket (None: an asyncio transport serves it).
+        self.lane: compiled.Lane | None = None
+        self.lane_sock: socket.socket | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -117,6 +130,10 @@ class _Session(asyncio.DatagramProtocol):
             self, data
         ):
             return
+        lane = self.lane
+        if lane is not None:
+            lane.send(data)
+            return
         transport = self.transport
         if (
             transport is not None
@@ -132,6 +149,10 @@ class _Session(asyncio.DatagramProtocol):
 
     def _forward(self, data: bytes) -> None:
         """Send a datagram already counted and already through any hook."""
+        lane = self.lane
+        if lane is not None:
+            lane.send(data)
+            return
         transport = self.transport
         if (
             transport is not None
@@ -162,6 +183,34 @@ class _Session(asyncio.DatagramProtocol):
         self.stream.sessions.remove(self.client, self)
         self.close("shutdown")
 
+    def down(self) -> tuple[int, int]:
+        """Reply bytes and datagrams so far (a lane counts the replies it relays itself)."""
+        lane = self.lane
+        if lane is None:
+            return self.bytes_down, self.dgrams_down
+        return self.bytes_down + lane.bytes_down, self.dgrams_down + lane.dgrams_down
+
+    def attach_lane(self, sock: socket.socket, outlet: compiled.Outlet, io: compiled.EpollSet) -> None:
+        """Serve the connected, non-blocking `sock` with a compiled lane instead of a transport;
+        raises OSError when the epoll set refuses it (the caller closes `sock`)."""
+        lane = compiled.Lane(io, sock, outlet, int(sock.family), self.client, self.error_received)
+        lane.start()
+        self.lane, self.lane_sock = lane, sock
+
+    def _drop_lane(self, lane: compiled.Lane) -> None:
+        """Fold the lane's counts in, stop it, close the socket, and leave the table (what a
+        transport's `connection_lost` does)."""
+        self.bytes_down, self.dgrams_down = self.down()
+        self.lane = None
+        lane.close()
+        sock, self.lane_sock = self.lane_sock, None
+        if sock is not None:
+            io = epoll_set_for(self.stream.loop)
+            if io is not None:
+                io.forget(sock.fileno())
+            sock.close()
+        self.stream.sessions.remove(self.client, self)
+
     def close(self, reason: CloseReason = "shutdown") -> None:
         self.queue = None
         stream = self.stream
@@ -177,14 +226,17 @@ class _Session(asyncio.DatagramProtocol):
             self.holding = None
         if stream._ended is not None:
             stream._ended.set()
+        lane = self.lane
+        if lane is not None:
+            self._drop_lane(lane)
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.close()
 
     def take_over(self, old: _Session) -> None:
         """Continue `old` (moving to another target): its counters, limits and history."""
-        self.bytes_up, self.bytes_down = old.bytes_up, old.bytes_down
-        self.dgrams_up, self.dgrams_down = old.dgrams_up, old.dgrams_down
+        self.bytes_up, self.dgrams_up = old.bytes_up, old.dgrams_up
+        self.bytes_down, self.dgrams_down = old.down()
         self.started = old.started
         self.counted, old.counted = old.counted, False
         self.exclude = [*old.exclude, old.member]
@@ -276,10 +328,24 @@ class _RelayingHookedSession(_HookedSession):
 
 
 class _Listener(asyncio.DatagramProtocol):
-    __slots__ = ("stream",)
+    __slots__ = ("outlet", "stream")
 
     def __init__(self, stream: UDPStream) -> None:
         self.stream = stream
+        #: The listening socket as the sessions' lanes send replies through it (None: no lanes).
+        #: Travels with the listener when a reload hands it to the next stream.
+        self.outlet: compiled.Outlet | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if compiled is not None and compiled_enabled():
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.fileno() >= 0:
+                self.outlet = compiled.Outlet(sock.fileno())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Before the descriptor can be reused: a lane must not send to whatever gets its number.
+        if self.outlet is not None:
+            self.outlet.close()
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         session = self.stream.sessions.get(addr)
@@ -434,6 +500,8 @@ class UDPStream(Endpoint):
         if self.handed_over or self.shared:
             pass  # the socket belongs to the stream that took it over, or to the shared listener
         elif self.transport is not None:
+            if self._listener is not None and self._listener.outlet is not None:
+                self._listener.outlet.close()
             if not self.transport.is_closing():
                 self.transport.close()
         elif self._sock is not None:
@@ -607,6 +675,7 @@ class UDPStream(Endpoint):
     def report(self, session: _Session, reason: CloseReason) -> None:
         assert self.observer is not None
         target = session.holding.spec.key if session.holding is not None else None
+        bytes_down, dgrams_down = session.down()
         self.observer.closed(
             ConnectionRecord.ending_now(
                 self.name,
@@ -615,10 +684,10 @@ class UDPStream(Endpoint):
                 target,
                 session.started,
                 session.bytes_up,
-                session.bytes_down,
+                bytes_down,
                 reason,
                 session.dgrams_up,
-                session.dgrams_down,
+                dgrams_down,
             )
         )
 
@@ -634,6 +703,11 @@ class UDPStream(Endpoint):
         tried = list(session.exclude)
         last: OSError | None = None
         state: TargetState | None = None
+        # A compiled lane where there is one to have (see the module's notes).
+        listener = self._listener
+        outlet = listener.outlet if listener is not None and not self.shared else None
+        io = epoll_set_for(self.loop) if outlet is not None and self.on_read is None else None
+        lane_io = io if compiled is not None and isinstance(io, compiled.EpollSet) else None
         while (index := pool.pick(client[0], tried)) is not None:
             sock = None
             # Kept across the await below: a reload meanwhile may move the index, not the state.
@@ -645,7 +719,10 @@ class UDPStream(Endpoint):
                 sock.connect(addr)
                 _grow_buffers(sock)
                 session.member = index
-                await self.loop.create_datagram_endpoint(lambda: session, sock=sock)
+                if lane_io is not None and outlet is not None:
+                    session.attach_lane(sock, outlet, lane_io)
+                else:
+                    await self.loop.create_datagram_endpoint(lambda: session, sock=sock)
             except OSError as exc:
                 if sock is not None:
                     sock.close()
@@ -686,6 +763,11 @@ class UDPStream(Endpoint):
         interval = self.idle_timeout / IDLE_TICKS
         while True:
             await asyncio.sleep(interval)
+            for session in self.sessions:
+                lane = session.lane
+                if lane is not None and lane.touched:  # replies relayed in C since the last sweep
+                    lane.touched = False
+                    session.idle = 0
             for client, session in self.sessions.tick():
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(
