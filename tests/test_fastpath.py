@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import socket
 from collections.abc import AsyncIterator
 
 import pytest
 
 from portway.stream.epollset import COMPILED, compiled
-from portway.stream.splice import pipe_pool_for
+from portway.stream.splice import PipePool, pipe_pool_for
+from tests.test_splice import recv_exactly, tcp_pair
 
 pytestmark = pytest.mark.skipif(not COMPILED, reason="the compiled core (_fastpath) was not built")
 
@@ -158,6 +160,30 @@ async def test_a_pump_on_a_closed_socket_is_refused(es: compiled.EpollSet) -> No
             es.add_reader(-1, lambda: None)
     finally:
         a.close()
+
+
+async def test_bytes_left_after_a_wakeups_rounds_are_read_without_a_new_edge(es: compiled.EpollSet) -> None:
+    """Edge-triggered: a direction that stops after its rounds per wake-up (8 reads of a 4 KiB
+    pipe here) with bytes still queued gets no new event for them; the set comes back to it.
+    Everything is queued before the pump starts and the client then stays silent."""
+    loop = asyncio.get_running_loop()
+    client, a = await tcp_pair()
+    b, server = await tcp_pair()
+    pool = PipePool(max_idle=2, pipe_size=4096)
+    done: asyncio.Future[BaseException | None] = loop.create_future()
+    data = os.urandom(512 * 1024)
+    try:
+        await loop.sock_sendall(client, data)  # queued in `a` (and client's send buffer)
+        pump = compiled.Pump(es, a, b, done.set_result, pool)
+        pump.start()
+        assert await recv_exactly(server, len(data)) == data
+        assert pump.reads > 8 * 4  # far more than one wake-up's rounds
+        pump.close()
+    finally:
+        for s in (client, a, b, server):
+            es.forget(s.fileno())
+            s.close()
+        pool.close()
 
 
 def udp_pair() -> tuple[socket.socket, socket.socket]:

@@ -37,6 +37,14 @@
 #define EV_ERR (EPOLLERR | EPOLLHUP)
 #define EV_READ (EV_IN | EV_ERR)
 #define EV_WRITE (EV_OUT | EV_ERR)
+/* A pump's sockets (and a dial's, from its first epoll_ctl) are registered once, edge-triggered:
+ * pausing a direction, resuming it or reaching EOF then costs no epoll_ctl, and closing removes
+ * them. Two epoll_ctl per proxied connection, as nginx, against four when each interest change
+ * was a MOD and an EOF socket (readable for ever, level-triggered) a DEL. Writability is asked
+ * for only where it is needed (a dial's connect, a receiver that once fell behind): an accepted
+ * socket registered for it would report "writable" at once, a wake-up for nothing. */
+#define EV_EDGE (EV_IN | EPOLLET)
+#define EV_EDGE_OUT (EV_IN | EV_OUT | EPOLLET)
 
 #define SPLICE_FLAGS (SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
 
@@ -55,12 +63,22 @@ typedef struct {
     uint32_t armed;        /* the mask the kernel has; 0: not added */
     uint64_t gone_epoch;   /* forgotten during this batch: skip its remaining events */
     uint8_t used, dirty, native_read, native_write, lane;
+    uint8_t et; /* owned by a pump or a dial: 1 registered EV_EDGE, 2 EV_EDGE_OUT */
 } Watch;
+
+/* A pump direction that ran out of rounds with bytes perhaps still queued (see core_retry). */
+typedef struct {
+    Pump *pump;
+    int index;
+} Retry;
 
 typedef struct {
     PyObject_HEAD
     int epfd;
     PyObject *loop;
+    PyObject *dispatch_cb; /* self.dispatch, for loop.call_soon when retries are due */
+    Retry *retry;
+    int nretry, capretry, retry_armed;
     Watch *watches;
     int nwatches;
     int *dirty;
@@ -83,6 +101,7 @@ typedef struct {
     char *tail;
     Py_ssize_t tail_off, tail_len;
     Py_ssize_t chunk;
+    int spliced; /* a read filled the copy buffer once: bulk, spliced from then on */
 } Dir;
 
 struct Pump {
@@ -139,15 +158,18 @@ static int
 core_apply(Core *c, int fd)
 {
     Watch *w = &c->watches[fd];
-    uint32_t want = ((w->reader || w->native_read) ? EV_IN : 0) |
-                    ((w->writer || w->native_write) ? EV_OUT : 0);
+    uint32_t want = w->et == 2 ? EV_EDGE_OUT
+                    : w->et    ? EV_EDGE
+                               : ((w->reader || w->native_read) ? EV_IN : 0) |
+                                     ((w->writer || w->native_write) ? EV_OUT : 0);
     uint32_t have = w->armed;
     struct epoll_event ev;
     if (want == 0) {
         w->used = 0;
         w->pump = NULL;
         w->lane = 0;
-        if (have) {
+        /* Edge-triggered, it stays silent without interest: no DEL (closing removes it). */
+        if (have && !(have & EPOLLET)) {
             w->armed = 0;
             epoll_ctl(c->epfd, EPOLL_CTL_DEL, fd, NULL); /* already closed: the kernel dropped it */
         }
@@ -202,6 +224,39 @@ core_changed(Core *c, int fd)
         return -1;
     }
     return 0;
+}
+
+/* Come back to this pump direction on the next dispatch (scheduled with call_soon). */
+static int
+core_retry(Core *c, Pump *p, int index)
+{
+    if (c->nretry == c->capretry) {
+        int cap = c->capretry ? c->capretry * 2 : 64;
+        Retry *r = PyMem_Realloc(c->retry, (size_t)cap * sizeof(Retry));
+        if (r == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        c->retry = r;
+        c->capretry = cap;
+    }
+    Py_INCREF(p);
+    c->retry[c->nretry].pump = p;
+    c->retry[c->nretry].index = index;
+    c->nretry++;
+    return 0;
+}
+
+static void
+core_drop_retries(Core *c)
+{
+    int n = c->nretry;
+    Retry *list = c->retry;
+    c->retry = NULL;
+    c->nretry = c->capretry = 0;
+    for (int i = 0; i < n; i++)
+        Py_DECREF(list[i].pump);
+    PyMem_Free(list);
 }
 
 static int
@@ -309,6 +364,23 @@ core_dispatch(Core *c, PyObject *Py_UNUSED(ignored))
     uint64_t epoch = ++c->epoch;
     int failed = 0;
     c->dispatching = 1;
+    c->retry_armed = 0;
+    if (c->nretry) {
+        /* Directions that ran out of rounds last time, before the new events. */
+        int nr = c->nretry;
+        Retry *list = c->retry;
+        c->retry = NULL;
+        c->nretry = c->capretry = 0;
+        for (int i = 0; i < nr; i++) {
+            Pump *p = list[i].pump;
+            Dir *d = &p->d[list[i].index];
+            if (!failed && !p->closed && !d->eof && d->src < c->nwatches &&
+                c->watches[d->src].pump == p && c->watches[d->src].native_read)
+                failed = pump_on_readable(p, d, 1) < 0;
+            Py_DECREF(p);
+        }
+        PyMem_Free(list);
+    }
     for (int i = 0; i < n && !failed; i++) {
         int fd = events[i].data.fd;
         uint32_t ev = events[i].events;
@@ -318,7 +390,9 @@ core_dispatch(Core *c, PyObject *Py_UNUSED(ignored))
         if (!w->used || w->gone_epoch == epoch)
             continue;
         c->ready_events = ev;
+        int read_done = 0;
         if (ev & EV_READ) {
+            read_done = w->native_read || w->reader != NULL;
             if (w->native_read && w->lane) {
                 Lane *l = (Lane *)w->pump;
                 Py_INCREF(l);
@@ -365,11 +439,39 @@ core_dispatch(Core *c, PyObject *Py_UNUSED(ignored))
                 if (r == NULL)
                     failed = 1;
                 Py_XDECREF(r);
+                w = &c->watches[fd];
+                if (!failed && !read_done && (ev & EV_READ) && w->used && w->gone_epoch != epoch &&
+                    w->native_read && !w->lane) {
+                    /* A pump took the socket over in that callback (a dial's connect): the bytes
+                     * that came with this edge are its to read, no new edge will announce them. */
+                    Pump *p = w->pump;
+                    Py_INCREF(p);
+                    failed = pump_on_readable(p, fd == p->d[0].src ? &p->d[0] : &p->d[1], 0) < 0;
+                    Py_DECREF(p);
+                }
             }
         }
     }
     c->dispatching = 0;
     c->ready_events = EV_ERR;
+    if (c->nretry && !c->retry_armed && c->dispatch_cb != NULL) {
+        PyObject *et = NULL, *evv = NULL, *tb = NULL;
+        if (failed)
+            PyErr_Fetch(&et, &evv, &tb);
+        PyObject *r = PyObject_CallMethod(c->loop, "call_soon", "O", c->dispatch_cb);
+        if (r == NULL) {
+            if (failed)
+                PyErr_WriteUnraisable((PyObject *)c);
+            else
+                failed = 1;
+        }
+        else {
+            c->retry_armed = 1;
+            Py_DECREF(r);
+        }
+        if (et != NULL || evv != NULL || tb != NULL)
+            PyErr_Restore(et, evv, tb);
+    }
     if (c->ndirty) {
         PyObject *et = NULL, *evv = NULL, *tb = NULL;
         if (failed)
@@ -403,7 +505,7 @@ parse_fd(PyObject *arg, int *fd)
 }
 
 static PyObject *
-core_add(Core *c, PyObject *const *args, Py_ssize_t nargs, int writer)
+core_add(Core *c, PyObject *const *args, Py_ssize_t nargs, int writer, int edge)
 {
     int fd;
     if (nargs < 2) {
@@ -435,6 +537,8 @@ core_add(Core *c, PyObject *const *args, Py_ssize_t nargs, int writer)
         w->reader_args = cbargs;
     }
     w->used = 1;
+    if (edge)
+        w->et = 2;
     int rc = core_changed(c, fd);
     Py_XDECREF(old_cb);
     Py_XDECREF(old_args);
@@ -446,13 +550,21 @@ core_add(Core *c, PyObject *const *args, Py_ssize_t nargs, int writer)
 static PyObject *
 core_add_reader(Core *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    return core_add(c, args, nargs, 0);
+    return core_add(c, args, nargs, 0, 0);
 }
 
 static PyObject *
 core_add_writer(Core *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    return core_add(c, args, nargs, 1);
+    return core_add(c, args, nargs, 1, 0);
+}
+
+/* add_writer for a socket being connected that a pump will take over: registered EV_EDGE at
+ * once, so the pump's start changes nothing in the kernel. */
+static PyObject *
+core_add_connecting(Core *c, PyObject *const *args, Py_ssize_t nargs)
+{
+    return core_add(c, args, nargs, 1, 1);
 }
 
 static PyObject *
@@ -471,6 +583,8 @@ core_remove(Core *c, PyObject *arg, int writer)
     if (writer) {
         cbargs = w->writer_args;
         w->writer = w->writer_args = NULL;
+        if (w->pump == NULL)
+            w->et = 0; /* the dial is over and no pump took the socket */
     }
     else {
         cbargs = w->reader_args;
@@ -505,14 +619,22 @@ core_forget(Core *c, PyObject *arg)
     if (fd >= c->nwatches)
         Py_RETURN_NONE;
     Watch *w = &c->watches[fd];
-    if (!w->used)
+    if (!w->used) {
+        /* No interest left, but an edge-triggered registration stays until the close that
+         * follows: the next socket with this number must be added afresh. */
+        w->armed = 0;
+        w->et = 0;
+        w->dirty = 0;
+        if (c->dispatching)
+            w->gone_epoch = c->epoch; /* its events in this batch belong to the old socket */
         Py_RETURN_NONE;
+    }
     PyObject *r = w->reader, *ra = w->reader_args, *wr = w->writer, *wa = w->writer_args;
     w->reader = w->reader_args = w->writer = w->writer_args = NULL;
     w->used = 0;
     w->dirty = 0;
     w->armed = 0;
-    w->native_read = w->native_write = w->lane = 0;
+    w->native_read = w->native_write = w->lane = w->et = 0;
     w->pump = NULL;
     if (c->dispatching)
         w->gone_epoch = c->epoch;
@@ -536,7 +658,7 @@ core_release_all(Core *c)
         else if (w->pump != NULL)
             w->pump->hooked = 0;
         w->pump = NULL;
-        w->used = w->dirty = w->native_read = w->native_write = w->lane = 0;
+        w->used = w->dirty = w->native_read = w->native_write = w->lane = w->et = 0;
         w->armed = 0;
     }
     c->ndirty = 0;
@@ -556,6 +678,8 @@ core_close(Core *c, PyObject *Py_UNUSED(ignored))
     close(c->epfd);
     c->epfd = -1;
     core_release_all(c);
+    core_drop_retries(c);
+    Py_CLEAR(c->dispatch_cb);
     Py_RETURN_NONE;
 }
 
@@ -616,7 +740,7 @@ core_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     c->loop = loop;
     PyObject *dispatch = PyObject_GetAttrString((PyObject *)c, "dispatch");
     PyObject *r = dispatch ? PyObject_CallMethod(loop, "add_reader", "iO", c->epfd, dispatch) : NULL;
-    Py_XDECREF(dispatch);
+    c->dispatch_cb = dispatch;
     if (r == NULL) {
         close(c->epfd);
         c->epfd = -1;
@@ -631,6 +755,9 @@ static int
 core_traverse(Core *c, visitproc visit, void *arg)
 {
     Py_VISIT(c->loop);
+    Py_VISIT(c->dispatch_cb);
+    for (int i = 0; i < c->nretry; i++)
+        Py_VISIT(c->retry[i].pump);
     for (int fd = 0; fd < c->nwatches; fd++) {
         Watch *w = &c->watches[fd];
         Py_VISIT(w->reader);
@@ -646,6 +773,8 @@ core_clear(Core *c)
 {
     for (int fd = 0; fd < c->nwatches; fd++)
         watch_clear_python(&c->watches[fd]);
+    core_drop_retries(c);
+    Py_CLEAR(c->dispatch_cb);
     Py_CLEAR(c->loop);
     return 0;
 }
@@ -673,6 +802,8 @@ static PyMethodDef core_methods[] = {
      "add_reader(fd, callback, *args): call back when fd is readable."},
     {"add_writer", (PyCFunction)(void (*)(void))core_add_writer, METH_FASTCALL,
      "add_writer(fd, callback, *args): call back when fd is writable."},
+    {"add_connecting", (PyCFunction)(void (*)(void))core_add_connecting, METH_FASTCALL,
+     "add_connecting(fd, callback, *args): add_writer for a dial whose socket a Pump takes over."},
     {"remove_reader", (PyCFunction)core_remove_reader, METH_O, "Stop the reader; False if none."},
     {"remove_writer", (PyCFunction)core_remove_writer, METH_O, "Stop the writer; False if none."},
     {"forget", (PyCFunction)core_forget, METH_O,
@@ -733,6 +864,10 @@ pump_watch(Pump *p, int fd, int writing, int on)
     if (on) {
         w->pump = p;
         w->lane = 0;
+        if (writing)
+            w->et = 2; /* kept from now on: no MOD back and forth under backpressure */
+        else if (!w->et)
+            w->et = 1;
         w->used = 1;
         p->hooked = 1;
     }
@@ -745,6 +880,30 @@ pump_unwatch(Pump *p, int fd, int writing)
 {
     if (pump_watch(p, fd, writing, 0) < 0)
         PyErr_Clear();
+}
+
+/* The pump lets go of its sockets (done, failed or closed): no interest, no owner. An
+ * edge-triggered registration stays in the kernel until the caller closes the socket. */
+static void
+pump_release_fds(Pump *p)
+{
+    Core *c = p->core;
+    if (p->hooked && c != NULL) {
+        int fds[2] = {p->d[0].src, p->d[0].dst};
+        for (int i = 0; i < 2; i++) {
+            int fd = fds[i];
+            if (fd >= c->nwatches)
+                continue;
+            Watch *w = &c->watches[fd];
+            if (w->pump != p || w->lane)
+                continue; /* forgotten meanwhile */
+            w->native_read = w->native_write = w->et = 0;
+            w->pump = NULL;
+            if (core_changed(c, fd) < 0)
+                PyErr_Clear();
+        }
+    }
+    p->hooked = 0;
 }
 
 static int
@@ -792,16 +951,11 @@ pump_stop(Pump *p)
     if (p->closed)
         return 0;
     p->closed = 1;
+    pump_release_fds(p);
     for (int i = 0; i < 2; i++) {
-        Dir *d = &p->d[i];
-        if (p->hooked) {
-            pump_unwatch(p, d->src, 0);
-            pump_unwatch(p, d->dst, 1);
-        }
-        if (pump_drop_holding(p, d) < 0)
+        if (pump_drop_holding(p, &p->d[i]) < 0)
             rc = -1;
     }
-    p->hooked = 0;
     return rc;
 }
 
@@ -871,7 +1025,7 @@ static ssize_t
 pump_fill(Pump *p, Dir *d, int more, int *py_error)
 {
     if (d->pipe == NULL) {
-        if (d->chunk == SMALL_READ) {
+        if (!d->spliced) {
             char *buf = p->core->scratch;
             ssize_t n;
             do
@@ -899,8 +1053,10 @@ pump_fill(Pump *p, Dir *d, int more, int *py_error)
                     d->tail_len = n - sent;
                     d->pending = n - sent;
                 }
-                if (n == SMALL_READ) /* a full buffer: bulk transfer, spliced from now on */
+                if (n == SMALL_READ) { /* a full buffer: bulk transfer, spliced from now on */
                     d->chunk = p->pipe_chunk;
+                    d->spliced = 1;
+                }
             }
             return n;
         }
@@ -986,13 +1142,7 @@ pump_finish(Pump *p, Dir *d)
     d->finished = 1;
     if (last && !p->closed) {
         p->closed = 1;
-        if (p->hooked) {
-            for (int i = 0; i < 2; i++) {
-                pump_unwatch(p, p->d[i].src, 0);
-                pump_unwatch(p, p->d[i].dst, 1);
-            }
-            p->hooked = 0;
-        }
+        pump_release_fds(p);
         return pump_call_done(p, Py_None);
     }
     return 0;
@@ -1007,11 +1157,12 @@ pump_on_readable(Pump *p, Dir *d, int unprompted)
     int peer_closed = !unprompted && (p->core->ready_events & EPOLLRDHUP);
     for (int round = 0; round < ROUNDS_PER_WAKEUP; round++) {
         Py_ssize_t chunk = d->chunk;
+        int copying = !d->spliced;
         int py_error = 0;
         p->reads++;
         ssize_t n = pump_fill(p, d, peer_closed, &py_error);
         if (n == STEP_AGAIN)
-            break;
+            goto drained;
         if (n == STEP_ERROR) {
             if (py_error)
                 return pump_fail(p, d, 0);
@@ -1041,9 +1192,17 @@ pump_on_readable(Pump *p, Dir *d, int unprompted)
                 return 0;
             }
         }
-        if (n < chunk && !peer_closed)
-            break; /* a short read: the socket is (almost surely) empty */
+        /* A short recv found the socket empty (TCP copies all that is queued): anything later
+         * is a new edge. A short splice proves nothing (the pipe may have run out of slots), so
+         * spliced reads go on to EAGAIN. */
+        if (n < chunk && copying && !peer_closed)
+            goto drained;
     }
+    /* Out of rounds with bytes perhaps still queued: no new edge will say so, so come back
+     * after the other descriptors have had their turn. */
+    if (!p->closed && !d->eof && core_retry(p->core, p, d == &p->d[0] ? 0 : 1) < 0)
+        return pump_fail(p, d, 0);
+drained:
     if (pump_release_if_empty(p, d) < 0)
         return pump_fail(p, d, 0);
     return 0;
@@ -1065,7 +1224,8 @@ pump_on_writable(Pump *p, Dir *d)
         return pump_finish(p, d);
     if (pump_watch(p, d->src, 0, 1) < 0)
         return pump_fail(p, d, 0);
-    return 0;
+    /* What the source queued while we did not read it raised no new edge: read it now. */
+    return pump_on_readable(p, d, 1);
 }
 
 static int
@@ -1139,8 +1299,7 @@ pump_start(Pump *p, PyObject *Py_UNUSED(ignored))
         if (pump_watch(p, p->d[i].src, 0, 1) < 0) {
             PyObject *et, *ev, *tb;
             PyErr_Fetch(&et, &ev, &tb);
-            pump_unwatch(p, p->d[0].src, 0);
-            pump_unwatch(p, p->d[1].src, 0);
+            pump_release_fds(p);
             PyErr_Restore(et, ev, tb);
             return NULL;
         }
@@ -1249,13 +1408,7 @@ pump_traverse(Pump *p, visitproc visit, void *arg)
 static void
 pump_unhook(Pump *p)
 {
-    if (p->hooked && p->core != NULL) {
-        for (int i = 0; i < 2; i++) {
-            pump_unwatch(p, p->d[i].src, 0);
-            pump_unwatch(p, p->d[i].dst, 1);
-        }
-    }
-    p->hooked = 0;
+    pump_release_fds(p);
 }
 
 static int

@@ -138,6 +138,9 @@ class EpollSet:
         w.writer, w.writer_args = callback, args
         self._changed(fd, w)
 
+    #: A dial's writer (the compiled set registers it edge-triggered for the pump that follows).
+    add_connecting = add_writer
+
     def remove_reader(self, fd: int) -> bool:
         w = self._watches.get(fd)
         if w is None or w.reader is None:

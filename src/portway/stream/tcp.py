@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from portway.addr import Network
@@ -644,6 +645,9 @@ class TCPStream(Endpoint):
         #: Where the raw engine's connections register readiness callbacks: the engine's epoll
         #: set once the route splices (`_use_pipes`), else the loop.
         self.io: splice.Readiness | None = None
+        #: The epoll set's `add_writer` for a dial whose socket the pump takes over (registered
+        #: edge-triggered at once on the compiled set); None: `io.add_writer`.
+        self.add_connecting: Callable[..., object] | None = None
         #: The raw engine's connect deadlines (one timer for all dials; made on first use).
         self.dial_watch: DialWatch | None = None
         self.pre_dial: Hook | None = None
@@ -722,6 +726,7 @@ class TCPStream(Endpoint):
         self.pipe_pool = splice.pipe_pool_for(self.loop)
         with contextlib.suppress(OSError):  # no descriptor left for the set: the loop works
             self.io = epoll_set_for(self.loop) or self.loop
+            self.add_connecting = getattr(self.io, "add_connecting", None)
 
     def uses_splice_engine(self) -> bool:
         """Whether connections run on the raw-socket engine (decided when serving starts)."""

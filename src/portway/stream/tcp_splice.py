@@ -36,6 +36,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from portway.events import CloseReason, ConnectionRecord
@@ -77,6 +78,7 @@ class TCPRoute(Protocol):
     pre_dial: Hook | None
     quiet_clients: int
     io: Readiness | None
+    add_connecting: Callable[..., object] | None
     dial_watch: DialWatch | None
 
     @property
@@ -454,7 +456,8 @@ class SpliceConn:
                 self.target_sock = sock
                 self.target_addr = addr
                 try:
-                    self.io.add_writer(sock.fileno(), self._on_connected)
+                    add = self.stream.add_connecting
+                    (self.io.add_writer if add is None else add)(sock.fileno(), self._on_connected)
                 except (OSError, RuntimeError):
                     self.reason = "error"
                     self._close()
