@@ -1296,6 +1296,12 @@ pump_start(Pump *p, PyObject *Py_UNUSED(ignored))
     if (p->closed)
         Py_RETURN_NONE;
     for (int i = 0; i < 2; i++) {
+        int fd = p->d[i].src;
+        if (fd < p->core->nwatches && p->core->watches[fd].et == 2 && p->core->watches[fd].pump == NULL)
+            /* A dial's registration asked for writability (the connect); the pump needs it only
+             * once a receiver falls behind. Kept, it would report every later state change
+             * (our own shutdown included) as "writable": one MOD now costs less. */
+            p->core->watches[fd].et = 1;
         if (pump_watch(p, p->d[i].src, 0, 1) < 0) {
             PyObject *et, *ev, *tb;
             PyErr_Fetch(&et, &ev, &tb);
