@@ -4,8 +4,12 @@
 # Docker providers (routes from container labels) need the socket, which is optional:
 #   -v /var/run/docker.sock:/var/run/docker.sock:ro  (and --group-add of the socket's group)
 FROM python:3.11-slim AS build
+# gcc builds the compiled core (src/portway/stream/_fastpath.c) into the wheel; the runtime
+# image needs no compiler.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY src ./src
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 

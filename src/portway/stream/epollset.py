@@ -1,5 +1,9 @@
 """An epoll set owned by the raw-socket engine, watched by the event loop as one descriptor.
 
+This module's `EpollSet` is the reference and the fallback: where the compiled core was built
+(`_fastpath.c`, see `compiled_enabled`), `epoll_set_for` returns its C twin, which takes the
+same Python callbacks and also runs the compiled pump's and UDP lanes' events natively.
+
 Why not the loop's `add_reader`/`add_writer` per connection socket: on uvloop every descriptor
 gets a libuv poll handle, and creating one costs an `ioctl(FIONBIO)` plus an
 `epoll_ctl(ADD)`/`epoll_ctl(DEL)` pair that only checks the descriptor can be polled; every

@@ -38,6 +38,9 @@ Decisions worth knowing:
   copies through a per-loop scratch buffer with ``recv_into`` + ``send``; only the unsent tail of a
   chunk is kept per connection, and only while the receiver is slow.
 
+The raw engine runs the compiled twin of `SplicePump` where it was built (`engine_pump`,
+`_fastpath.c`): the same decisions, no interpreter per event.
+
 Known limit: after one side has sent EOF its socket is no longer watched (it would be readable
 forever), so a later reset on that side is only noticed when the other direction writes to it.
 Callers should keep an idle timeout, as every L4 proxy does.

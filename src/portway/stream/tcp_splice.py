@@ -19,7 +19,8 @@ except for an async `pre_dial` hook):
    what it can make us hold.
 3. **Initial bytes** (admission only): a relay PROXY header, then the bytes read past the
    received header, are sent before the pump starts, so nothing can overtake them.
-4. **Pump**: `SplicePump` relays both ways with half-close. It starts by reading the client at
+4. **Pump**: the compiled pump (`splice.engine_pump`; `SplicePump` where the core was not
+   built) relays both ways with half-close. It starts by reading the client at
    once (most clients speak first, so their bytes are already queued: one wake-up saved; a
    route whose clients wait for a banner stops trying, see `_read_client_now`). When it ends,
    both sockets are closed
