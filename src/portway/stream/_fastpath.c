@@ -112,9 +112,9 @@ struct Pump {
     PyObject *pool;
     Py_ssize_t pipe_chunk;
     Dir d[2];
-    int closed;
+    char closed;
     int failed_side;
-    int shutdown_last;
+    char shutdown_last;
     int hooked; /* registered natively in core: must unhook before it goes */
     long long reads; /* read calls on either source: lets tests prove the pump does not spin */
 };
@@ -1343,59 +1343,15 @@ pump_read_now(Pump *p, PyObject *arg)
 }
 
 static PyObject *
-pump_get_a_to_b(Pump *p, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(p->d[0].moved);
-}
-
-static PyObject *
-pump_get_b_to_a(Pump *p, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(p->d[1].moved);
-}
-
-static PyObject *
-pump_get_closed(Pump *p, void *Py_UNUSED(closure))
-{
-    return PyBool_FromLong(p->closed);
-}
-
-static PyObject *
 pump_get_pipes_held(Pump *p, void *Py_UNUSED(closure))
 {
     return PyLong_FromLong((p->d[0].pipe != NULL) + (p->d[1].pipe != NULL));
 }
 
 static PyObject *
-pump_get_reads(Pump *p, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(p->reads);
-}
-
-static PyObject *
 pump_get_held(Pump *p, void *Py_UNUSED(closure))
 {
     return PyLong_FromSsize_t(p->d[0].pending + p->d[1].pending);
-}
-
-static PyObject *
-pump_get_shutdown_last(Pump *p, void *Py_UNUSED(closure))
-{
-    return PyBool_FromLong(p->shutdown_last);
-}
-
-static int
-pump_set_shutdown_last(Pump *p, PyObject *v, void *Py_UNUSED(closure))
-{
-    if (v == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "cannot delete shutdown_last");
-        return -1;
-    }
-    int t = PyObject_IsTrue(v);
-    if (t < 0)
-        return -1;
-    p->shutdown_last = t;
-    return 0;
 }
 
 static int
@@ -1463,18 +1419,18 @@ static PyMethodDef pump_methods[] = {
 static PyMemberDef pump_members[] = {
     {"failed_side", T_INT, offsetof(Pump, failed_side), 0,
      "Which socket an error came from: 0 for a, 1 for b, -1 when none."},
+    {"bytes_a_to_b", T_LONGLONG, offsetof(Pump, d[0].moved), READONLY, "Bytes read from a so far."},
+    {"bytes_b_to_a", T_LONGLONG, offsetof(Pump, d[1].moved), READONLY, "Bytes read from b so far."},
+    {"reads", T_LONGLONG, offsetof(Pump, reads), READONLY, "Read calls made on either source so far."},
+    {"closed", T_BOOL, offsetof(Pump, closed), READONLY, "True once the pump has stopped."},
+    {"shutdown_last", T_BOOL, offsetof(Pump, shutdown_last), 0,
+     "False when the caller's close sends the last FIN."},
     {NULL, 0, 0, 0, NULL},
 };
 
 static PyGetSetDef pump_getset[] = {
-    {"bytes_a_to_b", (getter)pump_get_a_to_b, NULL, "Bytes read from a so far.", NULL},
-    {"bytes_b_to_a", (getter)pump_get_b_to_a, NULL, "Bytes read from b so far.", NULL},
-    {"closed", (getter)pump_get_closed, NULL, "True once the pump has stopped.", NULL},
     {"pipes_held", (getter)pump_get_pipes_held, NULL, "Pipes held right now.", NULL},
-    {"reads", (getter)pump_get_reads, NULL, "Read calls made on either source so far.", NULL},
     {"held", (getter)pump_get_held, NULL, "Bytes read and not yet passed on, both ways.", NULL},
-    {"shutdown_last", (getter)pump_get_shutdown_last, (setter)pump_set_shutdown_last,
-     "False when the caller's close sends the last FIN.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1515,7 +1471,8 @@ struct Lane {
     struct sockaddr_storage client;
     socklen_t client_len;
     long long bytes_down, dgrams_down;
-    int touched, closed, hooked;
+    char touched, closed;
+    int hooked;
 };
 
 static PyTypeObject LaneType;
@@ -1754,44 +1711,6 @@ lane_close(Lane *l, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
-static PyObject *
-lane_get_bytes_down(Lane *l, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(l->bytes_down);
-}
-
-static PyObject *
-lane_get_dgrams_down(Lane *l, void *Py_UNUSED(closure))
-{
-    return PyLong_FromLongLong(l->dgrams_down);
-}
-
-static PyObject *
-lane_get_closed(Lane *l, void *Py_UNUSED(closure))
-{
-    return PyBool_FromLong(l->closed);
-}
-
-static PyObject *
-lane_get_touched(Lane *l, void *Py_UNUSED(closure))
-{
-    return PyBool_FromLong(l->touched);
-}
-
-static int
-lane_set_touched(Lane *l, PyObject *v, void *Py_UNUSED(closure))
-{
-    if (v == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "cannot delete touched");
-        return -1;
-    }
-    int t = PyObject_IsTrue(v);
-    if (t < 0)
-        return -1;
-    l->touched = t;
-    return 0;
-}
-
 static int
 lane_traverse(Lane *l, visitproc visit, void *arg)
 {
@@ -1830,13 +1749,12 @@ static PyMethodDef lane_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyGetSetDef lane_getset[] = {
-    {"bytes_down", (getter)lane_get_bytes_down, NULL, "Reply bytes received from the target.", NULL},
-    {"dgrams_down", (getter)lane_get_dgrams_down, NULL, "Replies received from the target.", NULL},
-    {"closed", (getter)lane_get_closed, NULL, "True once closed.", NULL},
-    {"touched", (getter)lane_get_touched, (setter)lane_set_touched,
-     "Set by every reply; the idle sweep clears it.", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
+static PyMemberDef lane_members[] = {
+    {"bytes_down", T_LONGLONG, offsetof(Lane, bytes_down), READONLY, "Reply bytes from the target."},
+    {"dgrams_down", T_LONGLONG, offsetof(Lane, dgrams_down), READONLY, "Replies from the target."},
+    {"closed", T_BOOL, offsetof(Lane, closed), READONLY, "True once closed."},
+    {"touched", T_BOOL, offsetof(Lane, touched), 0, "Set by every reply; the idle sweep clears it."},
+    {NULL, 0, 0, 0, NULL},
 };
 
 static PyTypeObject LaneType = {
@@ -1850,7 +1768,7 @@ static PyTypeObject LaneType = {
     .tp_traverse = (traverseproc)lane_traverse,
     .tp_clear = (inquiry)lane_clear,
     .tp_methods = lane_methods,
-    .tp_getset = lane_getset,
+    .tp_members = lane_members,
 };
 
 static PyObject *
