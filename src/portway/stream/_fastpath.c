@@ -696,15 +696,6 @@ core_get_closed(Core *c, void *Py_UNUSED(closure))
 }
 
 static PyObject *
-core_get_watched(Core *c, void *Py_UNUSED(closure))
-{
-    long n = 0;
-    for (int fd = 0; fd < c->nwatches; fd++)
-        n += c->watches[fd].used;
-    return PyLong_FromLong(n);
-}
-
-static PyObject *
 core_watching(Core *c, PyObject *arg)
 {
     int fd;
@@ -823,7 +814,6 @@ static PyMemberDef core_members[] = {
 
 static PyGetSetDef core_getset[] = {
     {"closed", (getter)core_get_closed, NULL, "True once closed.", NULL},
-    {"watched", (getter)core_get_watched, NULL, "Descriptors with any interest.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -1367,16 +1357,10 @@ pump_traverse(Pump *p, visitproc visit, void *arg)
     return 0;
 }
 
-static void
-pump_unhook(Pump *p)
-{
-    pump_release_fds(p);
-}
-
 static int
 pump_clear(Pump *p)
 {
-    pump_unhook(p);
+    pump_release_fds(p);
     Py_CLEAR(p->on_done);
     Py_CLEAR(p->a);
     Py_CLEAR(p->b);
@@ -1387,7 +1371,7 @@ static void
 pump_dealloc(Pump *p)
 {
     PyObject_GC_UnTrack(p);
-    pump_unhook(p);
+    pump_release_fds(p);
     for (int i = 0; i < 2; i++) {
         Dir *d = &p->d[i];
         PyMem_Free(d->tail);
@@ -1898,8 +1882,7 @@ PyInit__fastpath(void)
     if (PyModule_AddObject(m, "EpollSet", (PyObject *)&CoreType) < 0 ||
         PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0 ||
         PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0 ||
-        PyModule_AddObject(m, "Outlet", (PyObject *)&OutletType) < 0 ||
-        PyModule_AddIntConstant(m, "SMALL_READ", SMALL_READ) < 0) {
+        PyModule_AddObject(m, "Outlet", (PyObject *)&OutletType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -487,12 +487,7 @@ class SpliceConn:
             sock.close()
             self._try_next(OSError(err, os.strerror(err)))
             return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.watched:
-            self.watched = False
-            stream.dial_watch.discard(self)  # type: ignore[union-attr]  # set when watched
+        self._stop_timers()
         pool = stream.pool
         state = self.dialing
         assert state is not None
@@ -514,6 +509,15 @@ class SpliceConn:
         if self.phase == _PUMPING:  # else _start_pump failed and has already cleaned up
             self.io.remove_writer(sock.fileno())
             self._read_client_now()
+
+    def _stop_timers(self) -> None:
+        """The dial is over (connected, or the connection closing): no deadline may fire."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.watched:
+            self.watched = False
+            self.stream.dial_watch.discard(self)  # type: ignore[union-attr]  # set when watched
 
     def _dial_expired(self) -> None:
         self.timer = None
@@ -668,12 +672,7 @@ class SpliceConn:
         self.phase = _CLOSED
         stream = self.stream
         io = self.io
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.watched:
-            self.watched = False
-            stream.dial_watch.discard(self)  # type: ignore[union-attr]  # set when watched
+        self._stop_timers()
         if self.dial_task is not None:
             task, self.dial_task = self.dial_task, None
             task.cancel()
