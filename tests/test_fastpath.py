@@ -3,8 +3,9 @@
 Relaying itself is tested with every pump in `test_splice.py` and through the engine in
 `test_tcp.py`; here are the cases only C code can get wrong: a pump's descriptor forgotten in
 the middle of a batch, a completion callback that raises, a pump dropped while registered, a
-closed set, a closed socket; and the UDP lane's: bursts, a closed listener, ICMP
-unreachable, bad addresses.
+closed set, a closed socket; and UDP's: a lane's bursts, a closed listener, ICMP unreachable;
+an inlet's bindings (relayed in C, replaced, unbound by an error, released on close); bad
+addresses.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import gc
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -214,12 +215,17 @@ async def recv_from(sock: socket.socket) -> bytes:
         loop.remove_reader(sock.fileno())
 
 
+def quiet_inlet(es: compiled.EpollSet, listener: socket.socket) -> compiled.Inlet:
+    """An inlet that is never started: the lanes' replies leave through it."""
+    return compiled.Inlet(es, listener, lambda data, addr: None, lambda exc: None)
+
+
 async def test_a_lane_relays_a_burst_of_replies_whole_and_in_order(es: compiled.EpollSet) -> None:
     """More replies than one recvmmsg takes, of every size up to the largest datagram."""
     sock, target = udp_pair()
     listener, client = udp_socket(), udp_socket()
-    outlet = compiled.Outlet(listener.fileno())
-    lane = compiled.Lane(es, sock, outlet, socket.AF_INET, client.getsockname(), lambda exc: None)
+    inlet = quiet_inlet(es, listener)
+    lane = compiled.Lane(es, sock, inlet, client.getsockname(), lambda exc: None)
     replies = [bytes([i]) * size for i, size in enumerate((1, 65507, 300, *range(1, 30)))]
     try:
         lane.start()
@@ -236,17 +242,18 @@ async def test_a_lane_relays_a_burst_of_replies_whole_and_in_order(es: compiled.
             s.close()
 
 
-async def test_a_lane_reports_icmp_unreachable_and_drops_replies_once_its_outlet_closed(
+async def test_a_lane_reports_icmp_unreachable_and_drops_replies_once_its_inlet_closed(
     es: compiled.EpollSet,
 ) -> None:
     sock, target = udp_pair()
     listener, client = udp_socket(), udp_socket()
-    outlet = compiled.Outlet(listener.fileno())
+    inlet = quiet_inlet(es, listener)
     errors: asyncio.Queue[OSError] = asyncio.Queue()
-    lane = compiled.Lane(es, sock, outlet, socket.AF_INET, client.getsockname(), errors.put_nowait)
+    lane = compiled.Lane(es, sock, inlet, client.getsockname(), errors.put_nowait)
     try:
         lane.start()
-        outlet.close()
+        inlet.close()
+        assert inlet.closed and not lane.bind()  # nothing binds to a closed inlet
         target.send(b"nobody gets this")  # loopback delivers it before send returns
         es.dispatch()
         assert lane.dgrams_down == 1  # received and counted, not sent: the listener is gone
@@ -263,17 +270,172 @@ async def test_a_lane_reports_icmp_unreachable_and_drops_replies_once_its_outlet
             s.close()
 
 
-async def test_a_lane_refuses_a_bad_client_address_by_name(es: compiled.EpollSet) -> None:
+class InletRig:
+    """A started inlet on a listening socket, a target, and a queue of what reached Python."""
+
+    def __init__(self, es: compiled.EpollSet) -> None:
+        self.es = es
+        self.listener = udp_socket()
+        self.to_python: asyncio.Queue[tuple[bytes, object]] = asyncio.Queue()
+        self.errors: asyncio.Queue[OSError] = asyncio.Queue()
+        self.inlet = compiled.Inlet(
+            es,
+            self.listener,
+            lambda data, addr: self.to_python.put_nowait((data, addr)),
+            self.errors.put_nowait,
+        )
+        self.inlet.start()
+        self.sock, self.target = udp_pair()
+        self.target.setblocking(False)
+        self.lane_errors: asyncio.Queue[OSError] = asyncio.Queue()
+        self.lanes: list[compiled.Lane] = []
+
+    def lane(self, client: object, sock: socket.socket | None = None) -> compiled.Lane:
+        lane = compiled.Lane(self.es, sock or self.sock, self.inlet, client, self.lane_errors.put_nowait)
+        lane.start()
+        self.lanes.append(lane)
+        return lane
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.listener.getsockname()
+        return host, port
+
+    def close(self) -> None:
+        for lane in self.lanes:
+            lane.close()
+        self.inlet.close()
+        self.es.forget(self.listener.fileno())
+        self.es.forget(self.sock.fileno())
+        for s in (self.listener, self.sock, self.target):
+            s.close()
+
+
+@pytest.fixture
+def rig(es: compiled.EpollSet) -> Iterator[InletRig]:
+    r = InletRig(es)
+    yield r
+    r.close()
+
+
+async def test_an_inlet_relays_a_bound_client_in_c_and_everyone_else_through_python(rig: InletRig) -> None:
+    client, stranger = udp_socket(), udp_socket()
+    try:
+        client.sendto(b"first", rig.address)
+        assert await asyncio.wait_for(rig.to_python.get(), 5) == (b"first", client.getsockname())
+        lane = rig.lane(client.getsockname())
+        assert lane.bind() and lane.bound and rig.inlet.bound == 1
+        burst = [bytes([i]) * size for i, size in enumerate((1, 65507, 300, *range(1, 30)))]
+        for data in burst:
+            client.sendto(data, rig.address)
+        for data in burst:
+            assert await recv_from(rig.target) == data  # whole and in order
+        assert (lane.dgrams_up, lane.bytes_up) == (len(burst), sum(map(len, burst)))
+        assert rig.inlet.direct == len(burst) and lane.touched
+        stranger.sendto(b"who?", rig.address)
+        assert await asyncio.wait_for(rig.to_python.get(), 5) == (b"who?", stranger.getsockname())
+        lane.unbind()
+        assert not lane.bound and rig.inlet.bound == 0
+        client.sendto(b"again", rig.address)
+        assert await asyncio.wait_for(rig.to_python.get(), 5) == (b"again", client.getsockname())
+        assert rig.to_python.empty() and rig.inlet.direct == len(burst)
+    finally:
+        client.close()
+        stranger.close()
+
+
+async def test_a_binding_sends_its_prefix_before_every_datagram_and_counts_it(rig: InletRig) -> None:
+    client = udp_socket()
+    try:
+        lane = rig.lane(client.getsockname())
+        lane.bind(b"HEADER:")
+        client.sendto(b"payload", rig.address)
+        assert await recv_from(rig.target) == b"HEADER:payload"
+        assert (lane.dgrams_up, lane.bytes_up) == (1, len(b"HEADER:payload"))
+        lane.send(b"from python")  # Python adds its own header: the lane does not add another
+        assert await recv_from(rig.target) == b"from python"
+    finally:
+        client.close()
+
+
+async def test_a_new_binding_for_a_client_replaces_the_old_one(rig: InletRig) -> None:
+    client = udp_socket()
+    sock2, target2 = udp_pair()
+    try:
+        first = rig.lane(client.getsockname())
+        second = rig.lane(client.getsockname(), sock2)
+        first.bind()
+        second.bind()
+        assert not first.bound and second.bound and rig.inlet.bound == 1
+        client.sendto(b"to the second", rig.address)
+        assert await recv_from(target2) == b"to the second"
+        first.close()  # closing the old one must not unbind the new one
+        assert second.bound and rig.inlet.bound == 1
+        second.close()
+        assert not second.bound and rig.inlet.bound == 0
+    finally:
+        rig.es.forget(sock2.fileno())
+        for s in (client, sock2, target2):
+            s.close()
+
+
+async def test_an_unreachable_target_unbinds_its_lane_and_the_client_goes_through_python(
+    rig: InletRig,
+) -> None:
+    client = udp_socket()
+    try:
+        lane = rig.lane(client.getsockname())
+        lane.bind()
+        rig.target.close()  # ICMP port unreachable for what the lane sends from now on
+        client.sendto(b"lost", rig.address)
+        exc = await asyncio.wait_for(rig.lane_errors.get(), 5)
+        assert isinstance(exc, ConnectionRefusedError)
+        assert not lane.bound
+        client.sendto(b"to python", rig.address)
+        assert await asyncio.wait_for(rig.to_python.get(), 5) == (b"to python", client.getsockname())
+    finally:
+        client.close()
+
+
+async def test_unbind_all_and_close_release_every_binding(rig: InletRig) -> None:
+    clients = [udp_socket() for _ in range(3)]
+    try:
+        lanes = [rig.lane(c.getsockname()) for c in clients]
+        for lane in lanes:
+            lane.bind()
+        assert rig.inlet.bound == 3
+        rig.inlet.unbind_all()
+        assert rig.inlet.bound == 0 and not any(lane.bound for lane in lanes)
+        for lane in lanes:
+            lane.bind()
+        rig.inlet.close()
+        assert rig.inlet.closed and rig.inlet.bound == 0 and not any(lane.bound for lane in lanes)
+        clients[0].sendto(b"nobody reads this", rig.address)
+        rig.es.dispatch()
+        assert rig.to_python.empty() and rig.inlet.direct == 0
+        del lanes
+        gc.collect()  # lanes and their inlet refer to each other: the collector frees them
+    finally:
+        for c in clients:
+            c.close()
+
+
+async def test_an_inlet_and_its_lanes_refuse_bad_input_by_name(es: compiled.EpollSet) -> None:
     sock, target = udp_pair()
     listener = udp_socket()
-    outlet = compiled.Outlet(listener.fileno())
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    other = compiled.EpollSet(asyncio.get_running_loop())
+    inlet = quiet_inlet(es, listener)
     try:
         with pytest.raises(ValueError, match="invalid client address"):
-            compiled.Lane(es, sock, outlet, socket.AF_INET, ("not-an-ip", 53), lambda exc: None)
+            compiled.Lane(es, sock, inlet, ("not-an-ip", 53), lambda exc: None)
+        with pytest.raises(ValueError, match="invalid client address"):
+            compiled.Lane(es, sock, inlet, ("127.0.0.1", 53, 0, 0), lambda exc: None)  # not IPv4's form
+        with pytest.raises(ValueError, match="share an epoll set"):
+            compiled.Lane(other, sock, inlet, ("127.0.0.1", 53), lambda exc: None)
         with pytest.raises(ValueError, match="unsupported address family"):
-            compiled.Lane(es, sock, outlet, socket.AF_UNIX, ("127.0.0.1", 53), lambda exc: None)
-        with pytest.raises(ValueError, match="invalid file descriptor"):
-            compiled.Outlet(-1)
+            compiled.Inlet(es, unix, lambda data, addr: None, lambda exc: None)
     finally:
-        for s in (sock, target, listener):
+        other.close()
+        for s in (sock, target, listener, unix):
             s.close()

@@ -54,6 +54,7 @@
 
 typedef struct Pump Pump;
 typedef struct Lane Lane;
+typedef struct Inlet Inlet;
 
 /* One descriptor: Python callbacks (the loop interface), or a pump's or a UDP lane's native
  * interest, or both for the moment a dial's writer hands the target socket over to its pump. */
@@ -87,7 +88,8 @@ typedef struct {
     uint64_t epoch;
     unsigned int ready_events;
     char *scratch;
-    char *dgram; /* a whole datagram, for UDP lanes (allocated with the first) */
+    char *dgram;    /* LANE_VLEN whole datagrams, for UDP lanes (allocated with the first) */
+    char *dgram_in; /* the same for UDP inlets: a reader of one may call Python, never the other */
     PyObject *weakreflist;
 } Core;
 
@@ -275,6 +277,7 @@ check_fd(Core *c, int fd)
 
 static int pump_fail_errno(Pump *p, Dir *d, int writing, int err);
 static int lane_report_errno(Lane *l, int err);
+static int inlet_report_errno(Inlet *in, int err);
 
 /* After a batch: apply the interest changes it made. A descriptor the kernel refuses (closed by
  * a bug, or out of watches) is reported ready, so its owner's next syscall fails and tears the
@@ -325,7 +328,9 @@ core_flush(Core *c)
         w->pump = NULL;
         w->armed = 0;
         if (pump != NULL && result == 0) {
-            if ((is_lane ? lane_report_errno((Lane *)pump, err) : pump_fail_errno(pump, NULL, 0, err)) < 0)
+            if ((is_lane == 2   ? inlet_report_errno((Inlet *)pump, err)
+                 : is_lane ? lane_report_errno((Lane *)pump, err)
+                           : pump_fail_errno(pump, NULL, 0, err)) < 0)
                 result = -1;
         }
         if (result < 0)
@@ -348,6 +353,7 @@ core_flush(Core *c)
 static int pump_on_readable(Pump *p, Dir *d, int unprompted);
 static int pump_on_writable(Pump *p, Dir *d);
 static int lane_on_readable(Lane *l);
+static int inlet_on_readable(Inlet *in);
 
 static PyObject *
 core_dispatch(Core *c, PyObject *Py_UNUSED(ignored))
@@ -393,7 +399,13 @@ core_dispatch(Core *c, PyObject *Py_UNUSED(ignored))
         int read_done = 0;
         if (ev & EV_READ) {
             read_done = w->native_read || w->reader != NULL;
-            if (w->native_read && w->lane) {
+            if (w->native_read && w->lane == 2) {
+                Inlet *in = (Inlet *)w->pump;
+                Py_INCREF(in);
+                failed = inlet_on_readable(in) < 0;
+                Py_DECREF(in);
+            }
+            else if (w->native_read && w->lane) {
                 Lane *l = (Lane *)w->pump;
                 Py_INCREF(l);
                 failed = lane_on_readable(l) < 0;
@@ -646,6 +658,7 @@ core_forget(Core *c, PyObject *arg)
 }
 
 static void lane_unhooked(Lane *l);
+static void inlet_unhooked(Inlet *in);
 
 static void
 core_release_all(Core *c)
@@ -653,7 +666,9 @@ core_release_all(Core *c)
     for (int fd = 0; fd < c->nwatches; fd++) {
         Watch *w = &c->watches[fd];
         watch_clear_python(w);
-        if (w->pump != NULL && w->lane)
+        if (w->pump != NULL && w->lane == 2)
+            inlet_unhooked((Inlet *)w->pump);
+        else if (w->pump != NULL && w->lane)
             lane_unhooked((Lane *)w->pump);
         else if (w->pump != NULL)
             w->pump->hooked = 0;
@@ -785,6 +800,7 @@ core_dealloc(Core *c)
     PyMem_Free(c->dirty);
     PyMem_Free(c->scratch);
     PyMem_Free(c->dgram);
+    PyMem_Free(c->dgram_in);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
@@ -1433,62 +1449,76 @@ static PyTypeObject PumpType = {
     .tp_getset = pump_getset,
 };
 
-/* ---- UDP: a session's replies ------------------------------------------------------------- */
+/* ---- UDP: the listening socket and the sessions' sockets ---------------------------------- */
 
-/* The listening socket replies leave through, shared by every lane of one listener. Closed
- * (fd -1) by the listener before its socket closes, so a lane that outlives it drops replies
- * instead of writing to a descriptor number the process may already have reused. */
-typedef struct {
+/* The listening socket, read in C (`recvmmsg`): a datagram from a client whose session is
+ * *bound* here goes straight to its lane's socket; any other (a new client, a session still
+ * being set up, one that must first check its target is still up, a hooked session) goes to
+ * Python as `on_datagram(data, address)`, exactly as a transport's datagram_received would.
+ * Replies leave through the same socket. Closed (fd -1) by the listener before its socket
+ * closes, so a lane that outlives it drops replies instead of writing to a descriptor number
+ * the process may already have reused. */
+struct Inlet {
     PyObject_HEAD
-    int fd;
-} Outlet;
+    Core *core;
+    PyObject *sock; /* kept alive while its descriptor is watched */
+    PyObject *on_datagram, *on_error;
+    PyObject *lanes; /* dict: address key (bytes) -> bound Lane */
+    int fd, family;
+    char closed;
+    int hooked;
+    long long direct; /* datagrams relayed without Python: lets tests prove the fast path ran */
+};
 
-static PyTypeObject OutletType;
+static PyTypeObject InletType;
 
 struct Lane {
     PyObject_HEAD
     Core *core;
-    PyObject *sock;   /* the session's socket, connected to its target: kept alive */
-    Outlet *outlet;
+    PyObject *sock; /* the session's socket, connected to its target: kept alive */
+    Inlet *inlet;
     PyObject *on_error;
+    PyObject *key;    /* the client's address key while bound in the inlet */
+    PyObject *prefix; /* bytes sent before each datagram relayed in C (a PROXY header), or NULL */
     int fd;
     struct sockaddr_storage client;
     socklen_t client_len;
-    long long bytes_down, dgrams_down;
-    char touched, closed;
+    long long bytes_down, dgrams_down, bytes_up, dgrams_up;
+    char touched, closed, bound;
     int hooked;
 };
 
 static PyTypeObject LaneType;
 
-/* Datagrams relayed per wake-up before yielding to other descriptors (level-triggered: the rest
- * are reported again), taken LANE_VLEN at a time. */
+/* Datagrams taken per wake-up before yielding to other descriptors (level-triggered: the rest
+ * are reported again), VLEN at a time. */
 #define LANE_BATCH 64
 #define LANE_VLEN 8
 /* The largest UDP payload (IPv6 without jumbograms); a datagram is never cut. */
 #define DATAGRAM_MAX 65536
 
+/* w->lane: what a native reader that is not a pump is. */
+#define IS_LANE 1
+#define IS_INLET 2
+
 static int
-lane_watch(Lane *l, int on)
+udp_watch(Core *c, int fd, PyObject *owner, uint8_t kind, int *hooked, int on)
 {
-    Core *c = l->core;
-    if (on && check_fd(c, l->fd) < 0)
+    if (on && check_fd(c, fd) < 0)
         return -1;
-    if (l->fd >= c->nwatches)
+    if (fd >= c->nwatches)
         return 0;
-    Watch *w = &c->watches[l->fd];
-    if (!on && (w->pump != (Pump *)l || !w->lane))
+    Watch *w = &c->watches[fd];
+    if (!on && (w->pump != (Pump *)owner || w->lane != kind))
         return 0; /* forgotten meanwhile */
     w->native_read = (uint8_t)on;
     if (on) {
-        w->pump = (Pump *)l;
-        w->lane = 1;
+        w->pump = (Pump *)owner;
+        w->lane = kind;
         w->used = 1;
-        l->hooked = 1;
     }
-    else
-        l->hooked = 0;
-    return core_changed(c, l->fd);
+    *hooked = on;
+    return core_changed(c, fd);
 }
 
 static void
@@ -1498,17 +1528,85 @@ lane_unhooked(Lane *l)
 }
 
 static void
+inlet_unhooked(Inlet *in)
+{
+    in->hooked = 0;
+}
+
+static void
 lane_unhook(Lane *l)
 {
-    if (l->hooked && l->core != NULL && lane_watch(l, 0) < 0)
+    if (l->hooked && l->core != NULL && udp_watch(l->core, l->fd, (PyObject *)l, IS_LANE, &l->hooked, 0) < 0)
         PyErr_Clear();
     l->hooked = 0;
 }
 
-/* Report an error of the session's socket (ICMP unreachable from the target surfaces as
- * ECONNREFUSED) to Python, as a transport's error_received would. -1 only if that raised. */
+static void
+inlet_unhook(Inlet *in)
+{
+    if (in->hooked && in->core != NULL &&
+        udp_watch(in->core, in->fd, (PyObject *)in, IS_INLET, &in->hooked, 0) < 0)
+        PyErr_Clear();
+    in->hooked = 0;
+}
+
+static char *
+core_dgram_buffer(Core *c, char **slot)
+{
+    if (*slot == NULL) {
+        *slot = PyMem_Malloc((size_t)LANE_VLEN * DATAGRAM_MAX);
+        if (*slot == NULL)
+            PyErr_NoMemory();
+    }
+    return *slot;
+}
+
+/* The inlet's key for an address: family, port and address (and an IPv6 scope), not the flow
+ * label, which the kernel leaves 0 unless asked for. */
+static PyObject *
+address_key(const struct sockaddr_storage *ss)
+{
+    char k[24];
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
+        memcpy(k, &sin->sin_family, 2);
+        memcpy(k + 2, &sin->sin_port, 2);
+        memcpy(k + 4, &sin->sin_addr, 4);
+        return PyBytes_FromStringAndSize(k, 8);
+    }
+    const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)ss;
+    memcpy(k, &sin6->sin6_family, 2);
+    memcpy(k + 2, &sin6->sin6_port, 2);
+    memcpy(k + 4, &sin6->sin6_addr, 16);
+    memcpy(k + 20, &sin6->sin6_scope_id, 4);
+    return PyBytes_FromStringAndSize(k, 24);
+}
+
+/* An address as the socket module gives it: (host, port) or (host, port, flowinfo, scope_id). */
+static PyObject *
+address_tuple(const struct sockaddr_storage *ss)
+{
+    char host[INET6_ADDRSTRLEN];
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
+        if (inet_ntop(AF_INET, &sin->sin_addr, host, sizeof(host)) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(si)", host, ntohs(sin->sin_port));
+    }
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)ss;
+        if (inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof(host)) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(siII)", host, ntohs(sin6->sin6_port), ntohl(sin6->sin6_flowinfo),
+                             sin6->sin6_scope_id);
+    }
+    PyErr_Format(PyExc_ValueError, "unsupported address family %d", ss->ss_family);
+    return NULL;
+}
+
+/* Call `cb(OSError(err))`, as a transport's error_received would. -1 only if that raised. */
 static int
-lane_report_errno(Lane *l, int err)
+report_errno(PyObject *cb, int err)
 {
     errno = err;
     PyErr_SetFromErrno(PyExc_OSError);
@@ -1519,7 +1617,7 @@ lane_report_errno(Lane *l, int err)
     Py_XDECREF(tb);
     if (ev == NULL)
         return -1;
-    PyObject *r = PyObject_CallOneArg(l->on_error, ev);
+    PyObject *r = PyObject_CallOneArg(cb, ev);
     Py_DECREF(ev);
     if (r == NULL)
         return -1;
@@ -1528,18 +1626,52 @@ lane_report_errno(Lane *l, int err)
 }
 
 static int
+inlet_report_errno(Inlet *in, int err)
+{
+    return report_errno(in->on_error, err);
+}
+
+static void
+lane_unbind(Lane *l)
+{
+    if (!l->bound)
+        return;
+    l->bound = 0;
+    Inlet *in = l->inlet;
+    PyObject *key = l->key;
+    l->key = NULL;
+    Py_CLEAR(l->prefix);
+    if (key == NULL)
+        return;
+    if (in != NULL && in->lanes != NULL) {
+        PyObject *cur = PyDict_GetItemWithError(in->lanes, key);
+        if (cur == (PyObject *)l && PyDict_DelItem(in->lanes, key) < 0)
+            PyErr_Clear();
+        else if (cur == NULL && PyErr_Occurred())
+            PyErr_Clear();
+    }
+    Py_DECREF(key);
+}
+
+/* An error of the session's socket (ICMP unreachable from the target surfaces as ECONNREFUSED):
+ * the session is no longer bound (its next datagram goes through Python, which may move it to
+ * another target), and Python hears of it. -1 only if that raised. */
+static int
+lane_report_errno(Lane *l, int err)
+{
+    lane_unbind(l);
+    return report_errno(l->on_error, err);
+}
+
+static int
 lane_on_readable(Lane *l)
 {
     if (l->closed)
         return 0;
     Core *c = l->core;
-    if (c->dgram == NULL) {
-        c->dgram = PyMem_Malloc((size_t)LANE_VLEN * DATAGRAM_MAX);
-        if (c->dgram == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-    }
+    char *buf = core_dgram_buffer(c, &c->dgram);
+    if (buf == NULL)
+        return -1;
     /* recvmmsg: the replies queued, in one call that does not end with a failing EAGAIN read
      * (as a recv loop would, once per wake-up); sendmmsg passes them all to the client. */
     struct mmsghdr msgs[LANE_VLEN];
@@ -1547,7 +1679,7 @@ lane_on_readable(Lane *l)
     for (int round = 0; round < LANE_BATCH / LANE_VLEN && !l->closed; round++) {
         memset(msgs, 0, sizeof(msgs));
         for (int i = 0; i < LANE_VLEN; i++) {
-            iov[i].iov_base = c->dgram + (size_t)i * DATAGRAM_MAX;
+            iov[i].iov_base = buf + (size_t)i * DATAGRAM_MAX;
             iov[i].iov_len = DATAGRAM_MAX;
             msgs[i].msg_hdr.msg_iov = &iov[i];
             msgs[i].msg_hdr.msg_iovlen = 1;
@@ -1569,7 +1701,7 @@ lane_on_readable(Lane *l)
         }
         l->dgrams_down += n;
         l->touched = 1;
-        int out = l->outlet->fd;
+        int out = l->inlet->fd;
         if (out >= 0 && n > 0) {
             /* A full listener buffer drops replies, as UDP may (no unbounded queue here). */
             int s;
@@ -1585,6 +1717,109 @@ lane_on_readable(Lane *l)
     return 0;
 }
 
+/* Client -> target, one datagram on the session's connected socket, after the bound prefix if
+ * `prefixed`. A full socket buffer drops it (UDP may); an error goes to on_error. */
+static int
+lane_forward(Lane *l, const char *data, size_t len, int prefixed)
+{
+    ssize_t s;
+    PyObject *prefix = prefixed ? l->prefix : NULL;
+    if (prefix != NULL && PyBytes_GET_SIZE(prefix) > 0) {
+        struct iovec iov[2] = {{PyBytes_AS_STRING(prefix), (size_t)PyBytes_GET_SIZE(prefix)},
+                               {(void *)data, len}};
+        struct msghdr msg;
+        memset(&msg, 0, sizeof(msg));
+        msg.msg_iov = iov;
+        msg.msg_iovlen = 2;
+        do
+            s = sendmsg(l->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        while (s < 0 && errno == EINTR);
+    }
+    else {
+        do
+            s = send(l->fd, data, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        while (s < 0 && errno == EINTR);
+    }
+    if (s < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
+        return lane_report_errno(l, errno);
+    return 0;
+}
+
+static int
+inlet_on_readable(Inlet *in)
+{
+    if (in->closed || in->fd < 0)
+        return 0;
+    Core *c = in->core;
+    char *buf = core_dgram_buffer(c, &c->dgram_in);
+    if (buf == NULL)
+        return -1;
+    struct mmsghdr msgs[LANE_VLEN];
+    struct iovec iov[LANE_VLEN];
+    struct sockaddr_storage from[LANE_VLEN];
+    Py_INCREF(in);
+    int result = 0;
+    for (int round = 0; round < LANE_BATCH / LANE_VLEN && !in->closed && result == 0; round++) {
+        memset(msgs, 0, sizeof(msgs));
+        for (int i = 0; i < LANE_VLEN; i++) {
+            iov[i].iov_base = buf + (size_t)i * DATAGRAM_MAX;
+            iov[i].iov_len = DATAGRAM_MAX;
+            msgs[i].msg_hdr.msg_iov = &iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i].msg_hdr.msg_name = &from[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof(from[i]);
+        }
+        int n;
+        do
+            n = recvmmsg(in->fd, msgs, LANE_VLEN, MSG_DONTWAIT, NULL);
+        while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                result = report_errno(in->on_error, errno);
+            break;
+        }
+        for (int i = 0; i < n && !in->closed && result == 0; i++) {
+            const char *data = (const char *)iov[i].iov_base;
+            size_t len = msgs[i].msg_len;
+            if (from[i].ss_family != AF_INET && from[i].ss_family != AF_INET6)
+                continue; /* no address to answer: nothing to do with it */
+            PyObject *key = address_key(&from[i]);
+            if (key == NULL) {
+                result = -1;
+                break;
+            }
+            Lane *l = (Lane *)PyDict_GetItemWithError(in->lanes, key);
+            Py_DECREF(key);
+            if (l == NULL && PyErr_Occurred()) {
+                result = -1;
+                break;
+            }
+            if (l != NULL && l->bound && !l->closed) {
+                Py_INCREF(l);
+                l->dgrams_up++;
+                l->bytes_up += (long long)len + (l->prefix ? PyBytes_GET_SIZE(l->prefix) : 0);
+                l->touched = 1;
+                in->direct++;
+                result = lane_forward(l, data, len, 1);
+                Py_DECREF(l);
+                continue;
+            }
+            PyObject *addr = address_tuple(&from[i]);
+            PyObject *bytes = addr ? PyBytes_FromStringAndSize(data, (Py_ssize_t)len) : NULL;
+            PyObject *r = bytes ? PyObject_CallFunctionObjArgs(in->on_datagram, bytes, addr, NULL) : NULL;
+            Py_XDECREF(addr);
+            Py_XDECREF(bytes);
+            if (r == NULL)
+                result = -1;
+            Py_XDECREF(r);
+        }
+        if (n < LANE_VLEN)
+            break; /* fewer than asked for: the socket is empty now */
+    }
+    Py_DECREF(in);
+    return result;
+}
+
 static int
 parse_client(PyObject *addr, int family, struct sockaddr_storage *ss, socklen_t *len)
 {
@@ -1592,10 +1827,12 @@ parse_client(PyObject *addr, int family, struct sockaddr_storage *ss, socklen_t 
     int port;
     unsigned int flowinfo = 0, scope_id = 0;
     memset(ss, 0, sizeof(*ss));
+    if (!PyTuple_Check(addr))
+        goto bad;
     if (family == AF_INET) {
         struct sockaddr_in *sin = (struct sockaddr_in *)ss;
         if (!PyArg_ParseTuple(addr, "si", &host, &port))
-            return -1;
+            goto bad;
         if (inet_pton(AF_INET, host, &sin->sin_addr) != 1)
             goto bad;
         sin->sin_family = AF_INET;
@@ -1605,7 +1842,7 @@ parse_client(PyObject *addr, int family, struct sockaddr_storage *ss, socklen_t 
     else if (family == AF_INET6) {
         struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)ss;
         if (!PyArg_ParseTuple(addr, "si|II", &host, &port, &flowinfo, &scope_id))
-            return -1;
+            goto bad;
         if (inet_pton(AF_INET6, host, &sin6->sin6_addr) != 1)
             goto bad;
         sin6->sin6_family = AF_INET6;
@@ -1622,25 +1859,32 @@ parse_client(PyObject *addr, int family, struct sockaddr_storage *ss, socklen_t 
         goto bad;
     return 0;
 bad:
-    PyErr_Format(PyExc_ValueError, "invalid client address %R", addr);
+    PyErr_Clear();
+    PyErr_Format(PyExc_ValueError, "invalid client address %R for address family %d", addr, family);
     return -1;
 }
 
 static PyObject *
 lane_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"io", "sock", "outlet", "family", "client", "on_error", NULL};
-    PyObject *io, *sock, *outlet, *client, *on_error;
-    int family, fd;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO!iOO", kwlist, &CoreType, &io, &sock, &OutletType,
-                                     &outlet, &family, &client, &on_error))
+    static char *kwlist[] = {"io", "sock", "inlet", "client", "on_error", NULL};
+    PyObject *io, *sock, *inlet, *client, *on_error;
+    int fd;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO!OO", kwlist, &CoreType, &io, &sock, &InletType, &inlet,
+                                     &client, &on_error))
         return NULL;
+    if (((Inlet *)inlet)->core != (Core *)io) {
+        PyErr_SetString(PyExc_ValueError, "the lane and its inlet must share an epoll set");
+        return NULL;
+    }
     if (socket_fd(sock, &fd) < 0)
         return NULL;
     Lane *l = (Lane *)type->tp_alloc(type, 0);
     if (l == NULL)
         return NULL;
-    if (parse_client(client, family, &l->client, &l->client_len) < 0) {
+    /* The client's address is in the listening socket's family (a dual-stack listener sees IPv4
+     * clients as mapped IPv6 addresses), whatever the family of the target. */
+    if (parse_client(client, ((Inlet *)inlet)->family, &l->client, &l->client_len) < 0) {
         Py_DECREF(l);
         return NULL;
     }
@@ -1648,8 +1892,8 @@ lane_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     l->core = (Core *)io;
     Py_INCREF(sock);
     l->sock = sock;
-    Py_INCREF(outlet);
-    l->outlet = (Outlet *)outlet;
+    Py_INCREF(inlet);
+    l->inlet = (Inlet *)inlet;
     Py_INCREF(on_error);
     l->on_error = on_error;
     l->fd = fd;
@@ -1661,13 +1905,12 @@ lane_start(Lane *l, PyObject *Py_UNUSED(ignored))
 {
     if (l->closed)
         Py_RETURN_NONE;
-    if (lane_watch(l, 1) < 0)
+    if (udp_watch(l->core, l->fd, (PyObject *)l, IS_LANE, &l->hooked, 1) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
 
-/* Client -> target: one send on the connected socket. A full socket buffer drops the datagram
- * (UDP may); an error (ECONNREFUSED after an ICMP unreachable) goes to on_error. */
+/* Client -> target from Python (a datagram that did not come through a binding). */
 static PyObject *
 lane_send(Lane *l, PyObject *arg)
 {
@@ -1676,14 +1919,58 @@ lane_send(Lane *l, PyObject *arg)
         Py_RETURN_NONE;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    ssize_t s;
-    do
-        s = send(l->fd, view.buf, (size_t)view.len, MSG_DONTWAIT | MSG_NOSIGNAL);
-    while (s < 0 && errno == EINTR);
-    int err = errno;
+    int rc = lane_forward(l, view.buf, (size_t)view.len, 0);
     PyBuffer_Release(&view);
-    if (s < 0 && err != EAGAIN && err != EWOULDBLOCK && lane_report_errno(l, err) < 0)
+    if (rc < 0)
         return NULL;
+    Py_RETURN_NONE;
+}
+
+/* Relay this lane's client's datagrams to it in C from now on, after `prefix` (the PROXY
+ * header of a relaying session). The session asks for it once its target is set up and known
+ * to be up; anything that may change that (an error of the socket, a health change in the pool,
+ * the lane or the inlet closing) unbinds it, and the client's datagrams go through Python. */
+static PyObject *
+lane_bind(Lane *l, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"prefix", NULL};
+    PyObject *prefix = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|S", kwlist, &prefix))
+        return NULL;
+    Inlet *in = l->inlet;
+    if (in == NULL || in->closed || l->closed || in->lanes == NULL)
+        Py_RETURN_FALSE;
+    lane_unbind(l);
+    PyObject *key = address_key(&l->client);
+    if (key == NULL)
+        return NULL;
+    PyObject *old = PyDict_GetItemWithError(in->lanes, key);
+    if (old == NULL && PyErr_Occurred()) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    if (old != NULL) {
+        /* The client moved to a new session: the old one stops being bound. */
+        Lane *o = (Lane *)old;
+        o->bound = 0;
+        Py_CLEAR(o->key);
+        Py_CLEAR(o->prefix);
+    }
+    if (PyDict_SetItem(in->lanes, key, (PyObject *)l) < 0) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    l->key = key;
+    Py_XINCREF(prefix);
+    l->prefix = prefix;
+    l->bound = 1;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+lane_unbind_py(Lane *l, PyObject *Py_UNUSED(ignored))
+{
+    lane_unbind(l);
     Py_RETURN_NONE;
 }
 
@@ -1691,6 +1978,7 @@ static PyObject *
 lane_close(Lane *l, PyObject *Py_UNUSED(ignored))
 {
     l->closed = 1;
+    lane_unbind(l);
     lane_unhook(l);
     Py_RETURN_NONE;
 }
@@ -1700,7 +1988,7 @@ lane_traverse(Lane *l, visitproc visit, void *arg)
 {
     Py_VISIT(l->core);
     Py_VISIT(l->sock);
-    Py_VISIT(l->outlet);
+    Py_VISIT(l->inlet);
     Py_VISIT(l->on_error);
     return 0;
 }
@@ -1708,6 +1996,7 @@ lane_traverse(Lane *l, visitproc visit, void *arg)
 static int
 lane_clear(Lane *l)
 {
+    lane_unbind(l);
     lane_unhook(l);
     Py_CLEAR(l->on_error);
     Py_CLEAR(l->sock);
@@ -1718,10 +2007,13 @@ static void
 lane_dealloc(Lane *l)
 {
     PyObject_GC_UnTrack(l);
+    lane_unbind(l);
     lane_unhook(l);
     Py_CLEAR(l->on_error);
     Py_CLEAR(l->sock);
-    Py_CLEAR(l->outlet);
+    Py_CLEAR(l->key);
+    Py_CLEAR(l->prefix);
+    Py_CLEAR(l->inlet);
     Py_CLEAR(l->core);
     Py_TYPE(l)->tp_free((PyObject *)l);
 }
@@ -1729,6 +2021,9 @@ lane_dealloc(Lane *l)
 static PyMethodDef lane_methods[] = {
     {"start", (PyCFunction)lane_start, METH_NOARGS, "Relay the target's replies from now on."},
     {"send", (PyCFunction)lane_send, METH_O, "Send one datagram to the target."},
+    {"bind", (PyCFunction)(void (*)(void))lane_bind, METH_VARARGS | METH_KEYWORDS,
+     "Take the client's datagrams from the inlet in C, after `prefix`; False if closed."},
+    {"unbind", (PyCFunction)lane_unbind_py, METH_NOARGS, "The client's datagrams go through Python again."},
     {"close", (PyCFunction)lane_close, METH_NOARGS, "Stop relaying (the caller closes the socket)."},
     {NULL, NULL, 0, NULL},
 };
@@ -1736,8 +2031,11 @@ static PyMethodDef lane_methods[] = {
 static PyMemberDef lane_members[] = {
     {"bytes_down", T_LONGLONG, offsetof(Lane, bytes_down), READONLY, "Reply bytes from the target."},
     {"dgrams_down", T_LONGLONG, offsetof(Lane, dgrams_down), READONLY, "Replies from the target."},
+    {"bytes_up", T_LONGLONG, offsetof(Lane, bytes_up), READONLY, "Bytes relayed through the binding."},
+    {"dgrams_up", T_LONGLONG, offsetof(Lane, dgrams_up), READONLY, "Datagrams relayed through the binding."},
     {"closed", T_BOOL, offsetof(Lane, closed), READONLY, "True once closed."},
-    {"touched", T_BOOL, offsetof(Lane, touched), 0, "Set by every reply; the idle sweep clears it."},
+    {"bound", T_BOOL, offsetof(Lane, bound), READONLY, "True while the inlet relays to it directly."},
+    {"touched", T_BOOL, offsetof(Lane, touched), 0, "Set by every datagram relayed in C; the idle sweep clears it."},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -1756,55 +2054,166 @@ static PyTypeObject LaneType = {
 };
 
 static PyObject *
-outlet_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+inlet_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"fd", NULL};
-    int fd;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i", kwlist, &fd))
+    static char *kwlist[] = {"io", "sock", "on_datagram", "on_error", NULL};
+    PyObject *io, *sock, *on_datagram, *on_error;
+    int fd, family;
+    socklen_t flen = sizeof(family);
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OOO", kwlist, &CoreType, &io, &sock, &on_datagram, &on_error))
         return NULL;
-    if (fd < 0) {
-        PyErr_Format(PyExc_ValueError, "invalid file descriptor %d", fd);
+    if (socket_fd(sock, &fd) < 0)
+        return NULL;
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &family, &flen) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (family != AF_INET && family != AF_INET6) {
+        PyErr_Format(PyExc_ValueError, "unsupported address family %d", family);
         return NULL;
     }
-    Outlet *o = (Outlet *)type->tp_alloc(type, 0);
-    if (o != NULL)
-        o->fd = fd;
-    return (PyObject *)o;
+    Inlet *in = (Inlet *)type->tp_alloc(type, 0);
+    if (in == NULL)
+        return NULL;
+    in->lanes = PyDict_New();
+    if (in->lanes == NULL) {
+        Py_DECREF(in);
+        return NULL;
+    }
+    Py_INCREF(io);
+    in->core = (Core *)io;
+    Py_INCREF(sock);
+    in->sock = sock;
+    Py_INCREF(on_datagram);
+    in->on_datagram = on_datagram;
+    Py_INCREF(on_error);
+    in->on_error = on_error;
+    in->fd = fd;
+    in->family = family;
+    return (PyObject *)in;
 }
 
 static PyObject *
-outlet_close(Outlet *o, PyObject *Py_UNUSED(ignored))
+inlet_start(Inlet *in, PyObject *Py_UNUSED(ignored))
 {
-    o->fd = -1;
+    if (in->closed)
+        Py_RETURN_NONE;
+    if (udp_watch(in->core, in->fd, (PyObject *)in, IS_INLET, &in->hooked, 1) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* Forget every binding: each session's next datagram goes through Python again. */
+static void
+inlet_unbind_lanes(Inlet *in)
+{
+    PyObject *lanes = in->lanes;
+    if (lanes == NULL)
+        return;
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(lanes, &pos, &k, &v)) {
+        Lane *l = (Lane *)v;
+        l->bound = 0;
+        Py_CLEAR(l->key);
+        Py_CLEAR(l->prefix);
+    }
+    PyDict_Clear(lanes);
+}
+
+static PyObject *
+inlet_unbind_all(Inlet *in, PyObject *Py_UNUSED(ignored))
+{
+    inlet_unbind_lanes(in);
+    Py_RETURN_NONE;
+}
+
+/* The listening socket is closing: stop reading it, and drop replies from now on. */
+static PyObject *
+inlet_close(Inlet *in, PyObject *Py_UNUSED(ignored))
+{
+    inlet_unhook(in);
+    in->closed = 1;
+    in->fd = -1;
+    inlet_unbind_lanes(in);
     Py_RETURN_NONE;
 }
 
 static PyObject *
-outlet_get_closed(Outlet *o, void *Py_UNUSED(closure))
+inlet_get_closed(Inlet *in, void *Py_UNUSED(closure))
 {
-    return PyBool_FromLong(o->fd < 0);
+    return PyBool_FromLong(in->closed);
 }
 
-static PyMethodDef outlet_methods[] = {
-    {"close", (PyCFunction)outlet_close, METH_NOARGS,
-     "The listening socket is closing: replies are dropped from now on."},
+static PyObject *
+inlet_get_bound(Inlet *in, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(in->lanes != NULL ? PyDict_GET_SIZE(in->lanes) : 0);
+}
+
+static int
+inlet_traverse(Inlet *in, visitproc visit, void *arg)
+{
+    Py_VISIT(in->core);
+    Py_VISIT(in->sock);
+    Py_VISIT(in->on_datagram);
+    Py_VISIT(in->on_error);
+    Py_VISIT(in->lanes);
+    return 0;
+}
+
+static int
+inlet_clear(Inlet *in)
+{
+    inlet_unhook(in);
+    inlet_unbind_lanes(in);
+    Py_CLEAR(in->lanes);
+    Py_CLEAR(in->on_datagram);
+    Py_CLEAR(in->on_error);
+    Py_CLEAR(in->sock);
+    return 0;
+}
+
+static void
+inlet_dealloc(Inlet *in)
+{
+    PyObject_GC_UnTrack(in);
+    inlet_clear(in);
+    Py_CLEAR(in->core);
+    Py_TYPE(in)->tp_free((PyObject *)in);
+}
+
+static PyMethodDef inlet_methods[] = {
+    {"start", (PyCFunction)inlet_start, METH_NOARGS, "Read the listening socket from now on."},
+    {"unbind_all", (PyCFunction)inlet_unbind_all, METH_NOARGS, "Every client goes through Python again."},
+    {"close", (PyCFunction)inlet_close, METH_NOARGS,
+     "The listening socket is closing: stop reading it and drop replies (the caller closes it)."},
     {NULL, NULL, 0, NULL},
 };
 
-static PyGetSetDef outlet_getset[] = {
-    {"closed", (getter)outlet_get_closed, NULL, "True once closed.", NULL},
+static PyMemberDef inlet_members[] = {
+    {"direct", T_LONGLONG, offsetof(Inlet, direct), READONLY, "Datagrams relayed through bindings."},
+    {"family", T_INT, offsetof(Inlet, family), READONLY, "The listening socket's address family."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef inlet_getset[] = {
+    {"closed", (getter)inlet_get_closed, NULL, "True once closed.", NULL},
+    {"bound", (getter)inlet_get_bound, NULL, "How many clients are bound.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyTypeObject OutletType = {
+static PyTypeObject InletType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "portway.stream._fastpath.Outlet",
-    .tp_basicsize = sizeof(Outlet),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "The listening socket UDP replies leave through (not owned: never closed here).",
-    .tp_new = outlet_new,
-    .tp_methods = outlet_methods,
-    .tp_getset = outlet_getset,
+    .tp_name = "portway.stream._fastpath.Inlet",
+    .tp_basicsize = sizeof(Inlet),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A UDP listening socket read in C: bound clients' datagrams go straight to their lanes.",
+    .tp_new = inlet_new,
+    .tp_dealloc = (destructor)inlet_dealloc,
+    .tp_traverse = (traverseproc)inlet_traverse,
+    .tp_clear = (inquiry)inlet_clear,
+    .tp_methods = inlet_methods,
+    .tp_members = inlet_members,
+    .tp_getset = inlet_getset,
 };
 
 
@@ -1828,21 +2237,7 @@ fp_accept(PyObject *Py_UNUSED(module), PyObject *arg)
     while (fd < 0 && errno == EINTR);
     if (fd < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
-    char host[INET6_ADDRSTRLEN];
-    PyObject *addr = NULL;
-    if (ss.ss_family == AF_INET) {
-        struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
-        if (inet_ntop(AF_INET, &sin->sin_addr, host, sizeof(host)) != NULL)
-            addr = Py_BuildValue("(si)", host, ntohs(sin->sin_port));
-    }
-    else if (ss.ss_family == AF_INET6) {
-        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
-        if (inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof(host)) != NULL)
-            addr = Py_BuildValue("(siII)", host, ntohs(sin6->sin6_port), ntohl(sin6->sin6_flowinfo),
-                                 sin6->sin6_scope_id);
-    }
-    else
-        PyErr_Format(PyExc_ValueError, "unsupported address family %d", ss.ss_family);
+    PyObject *addr = address_tuple(&ss);
     if (addr == NULL) {
         if (!PyErr_Occurred())
             PyErr_SetFromErrno(PyExc_OSError);
@@ -1870,7 +2265,7 @@ PyMODINIT_FUNC
 PyInit__fastpath(void)
 {
     if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&PumpType) < 0 || PyType_Ready(&LaneType) < 0 ||
-        PyType_Ready(&OutletType) < 0)
+        PyType_Ready(&InletType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&fastpath_module);
     if (m == NULL)
@@ -1878,11 +2273,11 @@ PyInit__fastpath(void)
     Py_INCREF(&CoreType);
     Py_INCREF(&PumpType);
     Py_INCREF(&LaneType);
-    Py_INCREF(&OutletType);
+    Py_INCREF(&InletType);
     if (PyModule_AddObject(m, "EpollSet", (PyObject *)&CoreType) < 0 ||
         PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0 ||
         PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0 ||
-        PyModule_AddObject(m, "Outlet", (PyObject *)&OutletType) < 0) {
+        PyModule_AddObject(m, "Inlet", (PyObject *)&InletType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

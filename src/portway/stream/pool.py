@@ -100,8 +100,10 @@ class TargetPool:
         #: One target, no active check: pick() is a constant and failures eject nothing.
         self.trivial = len(members) == 1 and check is None
         #: Bumped on every health transition: a UDP session compares it per datagram (one int
-        #: compare) to learn that it may have to move, without reading the clock.
+        #: compare) to learn that it may have to move, without reading the clock. Sessions the
+        #: compiled inlet relays are unbound by a watcher instead (see `watch`).
         self.generation = 0
+        self._watchers: list[Callable[[], None]] = []
         self.loop: asyncio.AbstractEventLoop | None = None
         self._probes: list[asyncio.Task[None]] = []
         self._none_up = BurstLog(10.0)
@@ -207,7 +209,7 @@ class TargetPool:
                         self._transition(Transition(state.spec.key, "down", "up", "active checks removed"))
         self.check = check
         self.trivial = len(members) == 1 and check is None
-        self.generation += 1
+        self._changed()
         self._start_probes()
 
     # -- the data plane's questions ----------------------------------------------------------
@@ -287,12 +289,26 @@ class TargetPool:
             return True
         return self.balancer.available(index, self.loop.time())
 
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call `callback` on every health transition (whenever `generation` moves): what caches
+        a decision in C (a UDP inlet's bindings) drops it there."""
+        self._watchers.append(callback)
+
+    def unwatch(self, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._watchers.remove(callback)
+
+    def _changed(self) -> None:
+        self.generation += 1
+        for callback in list(self._watchers):
+            callback()
+
     # -- health ------------------------------------------------------------------------------
 
     def _transition(self, change: Transition | None) -> None:
         if change is None:
             return
-        self.generation += 1
+        self._changed()
         level = logging.WARNING if change.new == "down" else logging.INFO
         log.log(
             level,
@@ -319,7 +335,7 @@ class TargetPool:
         if index is None or self.loop is None or self.check is None:
             return  # a reload raced the probe: the next health snapshot settles it
         if self.balancer.probe_result(index, ok, self.loop.time(), reason) is not None:
-            self.generation += 1
+            self._changed()
 
     def check_state(self) -> list[tuple[str, bool, int, int]]:
         """Each target's active-check state (key, up, successes, failures), for a new worker."""
@@ -332,7 +348,7 @@ class TargetPool:
             return
         state = self.balancer.targets[index]
         if state.up != up:
-            self.generation += 1
+            self._changed()
         state.up, state._probe_successes, state._probe_failures = up, successes, failures
 
     async def _probe_forever(self, index: int) -> None:

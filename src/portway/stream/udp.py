@@ -5,12 +5,16 @@ sees one peer. Datagrams are forwarded whole (up to 64 KiB) and in order: each d
 single callback chain with no task per datagram, unlike relays that spawn a goroutine or task per
 datagram and so may reorder them.
 
-Where the raw engine's compiled core is built (`stream/_fastpath.c`), a session's socket is a
-*lane* on the engine's epoll set instead of an asyncio transport: the client's datagrams are
-sent with one C call, and the target's replies go out through the listening socket without
-entering Python at all (counted in C; the idle sweep reads a flag). Sessions with an `on_read`
-hook, and routes on a shared port, keep transports: every reply must pass the hook, and a
-shared listener's socket belongs to it.
+Where the raw engine's compiled core is built (`stream/_fastpath.c`), neither direction enters
+Python once a session is set up. The listening socket is an *inlet* on the engine's epoll set,
+read with `recvmmsg`; a session's socket is a *lane* on the same set. Once the session's target
+is set up and known to be up, the session *binds* its lane: the inlet sends that client's
+datagrams straight to it, and the lane sends the target's replies out through the listening
+socket, both counted in C (the idle sweep reads a flag). A client with no binding (new, still
+being set up, or unbound because its socket failed or the pool's health changed) goes through
+`_Listener.datagram_received` as with a transport, and the session decides there whether to
+bind again or move. Sessions with an `on_read` hook get no lane (every datagram must pass the
+hook), and routes on a shared port keep transports (the shared listener owns the socket).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from portway.addr import Network, format_hostport
@@ -110,6 +115,10 @@ class _Session(asyncio.DatagramProtocol):
         self.lane: compiled.Lane | None = None
         self.lane_sock: socket.socket | None = None
 
+    def bind(self, lane: compiled.Lane) -> None:
+        """Let the inlet relay this client's datagrams to `lane` without Python."""
+        lane.bind()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
@@ -133,6 +142,8 @@ class _Session(asyncio.DatagramProtocol):
         lane = self.lane
         if lane is not None:
             lane.send(data)
+            if not lane.bound:  # still where it should be (checked above): the next ones skip Python
+                self.bind(lane)
             return
         transport = self.transport
         if (
@@ -146,6 +157,9 @@ class _Session(asyncio.DatagramProtocol):
         queue, self.queue = self.queue, None
         for data in queue or ():
             self._forward(data)
+        lane = self.lane
+        if lane is not None and not self.unreachable and self.generation == self.stream.pool.generation:
+            self.bind(lane)
 
     def _forward(self, data: bytes) -> None:
         """Send a datagram already counted and already through any hook."""
@@ -183,6 +197,13 @@ class _Session(asyncio.DatagramProtocol):
         self.stream.sessions.remove(self.client, self)
         self.close("shutdown")
 
+    def up(self) -> tuple[int, int]:
+        """Client bytes and datagrams so far (a bound lane counts those it relays itself)."""
+        lane = self.lane
+        if lane is None:
+            return self.bytes_up, self.dgrams_up
+        return self.bytes_up + lane.bytes_up, self.dgrams_up + lane.dgrams_up
+
     def down(self) -> tuple[int, int]:
         """Reply bytes and datagrams so far (a lane counts the replies it relays itself)."""
         lane = self.lane
@@ -190,16 +211,17 @@ class _Session(asyncio.DatagramProtocol):
             return self.bytes_down, self.dgrams_down
         return self.bytes_down + lane.bytes_down, self.dgrams_down + lane.dgrams_down
 
-    def attach_lane(self, sock: socket.socket, outlet: compiled.Outlet, io: compiled.EpollSet) -> None:
+    def attach_lane(self, sock: socket.socket, inlet: compiled.Inlet, io: compiled.EpollSet) -> None:
         """Serve the connected, non-blocking `sock` with a compiled lane instead of a transport;
         raises OSError when the epoll set refuses it (the caller closes `sock`)."""
-        lane = compiled.Lane(io, sock, outlet, int(sock.family), self.client, self.error_received)
+        lane = compiled.Lane(io, sock, inlet, self.client, self.error_received)
         lane.start()
         self.lane, self.lane_sock = lane, sock
 
     def _drop_lane(self, lane: compiled.Lane) -> None:
         """Fold the lane's counts in, stop it, close the socket, and leave the table (what a
         transport's `connection_lost` does)."""
+        self.bytes_up, self.dgrams_up = self.up()
         self.bytes_down, self.dgrams_down = self.down()
         self.lane = None
         lane.close()
@@ -235,7 +257,7 @@ class _Session(asyncio.DatagramProtocol):
 
     def take_over(self, old: _Session) -> None:
         """Continue `old` (moving to another target): its counters, limits and history."""
-        self.bytes_up, self.dgrams_up = old.bytes_up, old.dgrams_up
+        self.bytes_up, self.dgrams_up = old.up()
         self.bytes_down, self.dgrams_down = old.down()
         self.started = old.started
         self.counted, old.counted = old.counted, False
@@ -313,6 +335,9 @@ class _RelayingSession(_Session):
     def send(self, data: bytes) -> None:
         super().send(self.prefix + data)
 
+    def bind(self, lane: compiled.Lane) -> None:
+        lane.bind(self.prefix)
+
 
 class _RelayingHookedSession(_HookedSession):
     """An on_read hook here sees each client datagram as it goes to the target, header first."""
@@ -328,24 +353,18 @@ class _RelayingHookedSession(_HookedSession):
 
 
 class _Listener(asyncio.DatagramProtocol):
-    __slots__ = ("outlet", "stream")
+    __slots__ = ("inlet", "stream")
 
     def __init__(self, stream: UDPStream) -> None:
         self.stream = stream
-        #: The listening socket as the sessions' lanes send replies through it (None: no lanes).
+        #: The listening socket as a compiled inlet (None: a loop transport reads it, no lanes).
         #: Travels with the listener when a reload hands it to the next stream.
-        self.outlet: compiled.Outlet | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if compiled is not None and compiled_enabled():
-            sock = transport.get_extra_info("socket")
-            if sock is not None and sock.fileno() >= 0:
-                self.outlet = compiled.Outlet(sock.fileno())
+        self.inlet: compiled.Inlet | None = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Before the descriptor can be reused: a lane must not send to whatever gets its number.
-        if self.outlet is not None:
-            self.outlet.close()
+        if self.inlet is not None:
+            self.inlet.close()
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         session = self.stream.sessions.get(addr)
@@ -357,6 +376,53 @@ class _Listener(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("listener error", extra={**self.stream.fields, "error": str(exc)})
+
+
+class _InletTransport(asyncio.DatagramTransport):
+    """The listening socket served by a compiled inlet instead of a loop transport: what the
+    stream asks of a transport (replies from Python, close), with the reading done in C."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, io: compiled.EpollSet, sock: socket.socket, listener: _Listener
+    ) -> None:
+        sock.setblocking(False)
+        super().__init__({"socket": sock, "sockname": sock.getsockname(), "peername": None})
+        self._loop, self._io, self._sock, self._listener = loop, io, sock, listener
+        self._closing = False
+        self.inlet = compiled.Inlet(io, sock, listener.datagram_received, listener.error_received)
+        self.inlet.start()
+        listener.inlet = self.inlet
+        listener.connection_made(self)
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        if self._closing:
+            return
+        # A full buffer drops the reply, as UDP may (a transport would queue it, unbounded).
+        with contextlib.suppress(OSError):
+            self._sock.sendto(data, addr)
+
+    def get_write_buffer_size(self) -> int:
+        return 0  # nothing is buffered: a reply the kernel does not take is dropped
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self.inlet.close()
+        self._io.forget(self._sock.fileno())
+        self._loop.call_soon(self._lost)
+
+    def abort(self) -> None:
+        self.close()
+
+    def _lost(self) -> None:
+        try:
+            self._listener.connection_lost(None)
+        finally:
+            self._sock.close()
 
 
 def _client_str(addr: Any) -> str:
@@ -432,6 +498,8 @@ class UDPStream(Endpoint):
         #: Set whenever a session ends, while a drain waits for the last one.
         self._ended: asyncio.Event | None = None
         self.shared = shared
+        #: The inlet's `unbind_all` while this stream watches its pool's health for it.
+        self._unbind_all: Callable[[], None] | None = None
 
     def attach(self, transport: asyncio.DatagramTransport, local: tuple[str, int]) -> None:
         """Shared: reply through the shared listener's `transport`, bound at `local`."""
@@ -471,8 +539,18 @@ class UDPStream(Endpoint):
         else:
             self._listener = _Listener(self)
             listener = self._listener
-            transport, _ = await self.loop.create_datagram_endpoint(lambda: listener, sock=self._sock)
-            self.transport = transport
+            io = epoll_set_for(self.loop) if compiled is not None and compiled_enabled() else None
+            if compiled is not None and isinstance(io, compiled.EpollSet):
+                assert self._sock is not None
+                self.transport = _InletTransport(self.loop, io, self._sock, listener)
+            else:
+                transport, _ = await self.loop.create_datagram_endpoint(lambda: listener, sock=self._sock)
+                self.transport = transport
+        if self._listener is not None and self._listener.inlet is not None:
+            # A health change may mean a session must move: every client goes through Python
+            # once more, where its session checks (`maybe_move`) and binds again.
+            self._unbind_all = self._listener.inlet.unbind_all
+            self.pool.watch(self._unbind_all)
         self._sweeper = self.loop.create_task(self._sweep_idle())
 
     def adopt(self, old: UDPStream) -> None:
@@ -493,6 +571,9 @@ class UDPStream(Endpoint):
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._unbind_all is not None:
+            self.pool.unwatch(self._unbind_all)
+            self._unbind_all = None
         self.stop_pool()
         if self._attached and self.access is not None:
             self._attached = False
@@ -500,8 +581,8 @@ class UDPStream(Endpoint):
         if self.handed_over or self.shared:
             pass  # the socket belongs to the stream that took it over, or to the shared listener
         elif self.transport is not None:
-            if self._listener is not None and self._listener.outlet is not None:
-                self._listener.outlet.close()
+            if self._listener is not None and self._listener.inlet is not None:
+                self._listener.inlet.close()
             if not self.transport.is_closing():
                 self.transport.close()
         elif self._sock is not None:
@@ -675,6 +756,7 @@ class UDPStream(Endpoint):
     def report(self, session: _Session, reason: CloseReason) -> None:
         assert self.observer is not None
         target = session.holding.spec.key if session.holding is not None else None
+        bytes_up, dgrams_up = session.up()
         bytes_down, dgrams_down = session.down()
         self.observer.closed(
             ConnectionRecord.ending_now(
@@ -683,10 +765,10 @@ class UDPStream(Endpoint):
                 (session.client[0], session.client[1]),
                 target,
                 session.started,
-                session.bytes_up,
+                bytes_up,
                 bytes_down,
                 reason,
-                session.dgrams_up,
+                dgrams_up,
                 dgrams_down,
             )
         )
@@ -705,8 +787,8 @@ class UDPStream(Endpoint):
         state: TargetState | None = None
         # A compiled lane where there is one to have (see the module's notes).
         listener = self._listener
-        outlet = listener.outlet if listener is not None and not self.shared else None
-        io = epoll_set_for(self.loop) if outlet is not None and self.on_read is None else None
+        inlet = listener.inlet if listener is not None and not self.shared and self.on_read is None else None
+        io = epoll_set_for(self.loop) if inlet is not None else None
         lane_io = io if compiled is not None and isinstance(io, compiled.EpollSet) else None
         while (index := pool.pick(client[0], tried)) is not None:
             sock = None
@@ -719,8 +801,8 @@ class UDPStream(Endpoint):
                 sock.connect(addr)
                 _grow_buffers(sock)
                 session.member = index
-                if lane_io is not None and outlet is not None:
-                    session.attach_lane(sock, outlet, lane_io)
+                if lane_io is not None and inlet is not None:
+                    session.attach_lane(sock, inlet, lane_io)
                 else:
                     await self.loop.create_datagram_endpoint(lambda: session, sock=sock)
             except OSError as exc:
