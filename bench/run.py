@@ -226,20 +226,24 @@ def main() -> None:
     backends = start_backends(tmp)
     results: dict[str, dict[str, Any]] = {}
     try:
-        for name in names:
-            results[name] = {}
-            for scen in scens:
-                runs = []
-                for _ in range(args.reps):
+        results = {name: {} for name in names}
+        for scen in scens:
+            # Repetitions take turns (A B C, A B C, ...) rather than running back to back: the
+            # machine's load drifts over minutes, and the ratios must not inherit that drift.
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+            for _ in range(args.reps):
+                for name in names:
+                    done = runs[name]
+                    if done and ("skipped" in done[-1] or "error" in done[-1]):
+                        continue
                     try:
                         r = measure_once(name, scen, args, tmp)
                     except Exception as exc:  # one broken scenario must not sink the whole run
                         r = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-                    runs.append(r)
-                    if "skipped" in r or "error" in r:
-                        break
-                ok = [r for r in runs if "error" not in r and "skipped" not in r]
-                results[name][scen] = median_of(ok) | {"runs": runs} if ok else runs[-1]
+                    done.append(r)
+            for name in names:
+                ok = [r for r in runs[name] if "error" not in r and "skipped" not in r]
+                results[name][scen] = median_of(ok) | {"runs": runs[name]} if ok else runs[name][-1]
                 shown = {k: v for k, v in results[name][scen].items() if k != "runs"}
                 print(f"{name:8} {scen:8} {json.dumps(shown)}", flush=True)
     finally:
