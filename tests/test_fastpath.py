@@ -11,6 +11,7 @@ addresses.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import os
 import socket
@@ -439,3 +440,51 @@ async def test_an_inlet_and_its_lanes_refuse_bad_input_by_name(es: compiled.Epol
         other.close()
         for s in (sock, target, listener, unix):
             s.close()
+
+
+async def test_accept_and_connect_make_working_non_blocking_socket_objects() -> None:
+    """The socket objects made without the constructor (`DIRECT_SOCKETS`) behave like any."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    dialed, err = compiled.connect(socket.AF_INET, listener.getsockname())
+    assert dialed is not None and err == 0
+    accepted, peer = compiled.accept(listener.fileno())
+    try:
+        assert peer == dialed.getsockname() and accepted.getpeername() == peer
+        for s in (dialed, accepted):
+            assert s.gettimeout() == 0.0 and s.family == socket.AF_INET and s.type == socket.SOCK_STREAM
+            assert not os.get_inheritable(s.fileno())
+        assert dialed.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        dialed.send(b"ping")
+        assert await asyncio.wait_for(asyncio.get_running_loop().sock_recv(accepted, 4), 5) == b"ping"
+        with pytest.raises(BlockingIOError):
+            listener.setblocking(False)
+            compiled.accept(listener.fileno())
+    finally:
+        for s in (dialed, accepted, listener):
+            s.close()
+    assert dialed.fileno() == -1 and accepted.fileno() == -1
+
+
+async def test_connect_reports_refusal_and_refuses_bad_addresses_by_name() -> None:
+    closed = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    closed.bind(("::1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    sock, err = compiled.connect(socket.AF_INET6, ("::1", port, 0, 0))
+    if sock is not None:  # refused later: the error is the socket's
+        try:
+            loop = asyncio.get_running_loop()
+            ready = loop.create_future()
+            loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+            await asyncio.wait_for(ready, 5)
+            loop.remove_writer(sock.fileno())
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        finally:
+            sock.close()
+    assert err == errno.ECONNREFUSED
+    with pytest.raises(ValueError, match="invalid client address"):
+        compiled.connect(socket.AF_INET, ("not-an-ip", 80))
+    with pytest.raises(ValueError, match="unsupported address family"):
+        compiled.connect(socket.AF_UNIX, "/tmp/x")

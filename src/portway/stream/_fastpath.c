@@ -25,6 +25,7 @@
 #include <sys/epoll.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -1827,6 +1828,10 @@ parse_client(PyObject *addr, int family, struct sockaddr_storage *ss, socklen_t 
     int port;
     unsigned int flowinfo = 0, scope_id = 0;
     memset(ss, 0, sizeof(*ss));
+    if (family != AF_INET && family != AF_INET6) {
+        PyErr_Format(PyExc_ValueError, "unsupported address family %d", family);
+        return -1;
+    }
     if (!PyTuple_Check(addr))
         goto bad;
     if (family == AF_INET) {
@@ -2217,12 +2222,106 @@ static PyTypeObject InletType = {
 };
 
 
-/* ---- accept ------------------------------------------------------------------------------ */
+/* ---- accept and connect ------------------------------------------------------------------ */
 
-/* accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC: the new socket is non-blocking from the start, so
- * the caller wraps it with type SOCK_STREAM | SOCK_NONBLOCK and skips the ioctl(FIONBIO) that
- * socket.accept() + setblocking(False) costs per connection. Returns (fd, address) with the
- * address as the socket module gives it. */
+/* The socket module's socket object, made here for a descriptor we already have. Python's own
+ * constructor, given a descriptor, calls getsockname() to validate it: one syscall per accepted
+ * connection that tells us nothing (accept4 just made the descriptor). The object's layout is
+ * the socket module's (Modules/socketmodule.h, unchanged since 3.7); `socket_view_init` checks
+ * it against an object the module made itself and, if anything differs, every socket goes
+ * through the constructor instead. */
+typedef struct {
+    PyObject_HEAD
+    int sock_fd;
+    int sock_family;
+    int sock_type;
+    int sock_proto;
+    PyObject *(*errorhandler)(void);
+    int64_t sock_timeout;
+} SocketView;
+
+typedef struct {
+    PyTypeObject *Sock_Type;
+    PyObject *error;
+    PyObject *timeout_error;
+} SocketCAPI;
+
+static PyTypeObject *sock_type;     /* _socket.socket */
+static SocketView sock_template;    /* type, proto, timeout, errorhandler of a non-blocking TCP socket */
+static int sock_view_ok;            /* the layout checked out: objects are made directly */
+static PyObject *empty_tuple;
+
+static void
+socket_view_init(void)
+{
+    SocketCAPI *api = PyCapsule_Import("_socket.CAPI", 0);
+    if (api == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    sock_type = api->Sock_Type;
+    Py_INCREF(sock_type);
+    PyObject *probe = PyObject_CallFunction((PyObject *)sock_type, "ii", AF_INET, SOCK_STREAM | SOCK_NONBLOCK);
+    if (probe == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    SocketView *v = (SocketView *)probe;
+    PyObject *fileno = PyObject_CallMethod(probe, "fileno", NULL);
+    PyObject *family = PyObject_GetAttrString(probe, "family");
+    PyObject *timeout = PyObject_CallMethod(probe, "gettimeout", NULL);
+    int ok = fileno != NULL && family != NULL && timeout != NULL && Py_TYPE(probe)->tp_basicsize >= (Py_ssize_t)sizeof(SocketView) &&
+             PyLong_AsLong(fileno) == v->sock_fd && v->sock_fd >= 0 && PyLong_AsLong(family) == AF_INET &&
+             v->sock_family == AF_INET && v->sock_timeout == 0 && PyFloat_Check(timeout) &&
+             PyFloat_AsDouble(timeout) == 0.0 && v->errorhandler != NULL;
+    Py_XDECREF(fileno);
+    Py_XDECREF(family);
+    Py_XDECREF(timeout);
+    if (ok) {
+        sock_template = *v;
+        sock_view_ok = 1;
+    }
+    PyErr_Clear();
+    PyObject *r = PyObject_CallMethod(probe, "close", NULL);
+    Py_XDECREF(r);
+    PyErr_Clear();
+    Py_DECREF(probe);
+}
+
+/* A non-blocking TCP socket object owning `fd` (closed here if that fails). */
+static PyObject *
+socket_object(int fd, int family)
+{
+    if (sock_type == NULL) {
+        close(fd);
+        PyErr_SetString(PyExc_RuntimeError, "the socket module's C API is not available");
+        return NULL;
+    }
+    if (!sock_view_ok) {
+        PyObject *s = PyObject_CallFunction((PyObject *)sock_type, "iiii", family, SOCK_STREAM | SOCK_NONBLOCK, 0, fd);
+        if (s == NULL)
+            close(fd);
+        return s;
+    }
+    PyObject *s = sock_type->tp_new(sock_type, empty_tuple, NULL);
+    if (s == NULL) {
+        close(fd);
+        return NULL;
+    }
+    SocketView *v = (SocketView *)s;
+    v->sock_fd = fd;
+    v->sock_family = family;
+    v->sock_type = sock_template.sock_type;
+    v->sock_proto = sock_template.sock_proto;
+    v->errorhandler = sock_template.errorhandler;
+    v->sock_timeout = sock_template.sock_timeout;
+    return s;
+}
+
+/* accept4 with SOCK_NONBLOCK | SOCK_CLOEXEC: the new socket is non-blocking from the start (no
+ * ioctl(FIONBIO), as socket.accept() + setblocking(False) would cost), and its socket object is
+ * made without the constructor's getsockname. Returns (socket, address) with the address as the
+ * socket module gives it. */
 static PyObject *
 fp_accept(PyObject *Py_UNUSED(module), PyObject *arg)
 {
@@ -2239,17 +2338,61 @@ fp_accept(PyObject *Py_UNUSED(module), PyObject *arg)
         return PyErr_SetFromErrno(PyExc_OSError);
     PyObject *addr = address_tuple(&ss);
     if (addr == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetFromErrno(PyExc_OSError);
         close(fd);
         return NULL;
     }
-    return Py_BuildValue("(iN)", fd, addr);
+    PyObject *sock = socket_object(fd, ss.ss_family);
+    if (sock == NULL) {
+        Py_DECREF(addr);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", sock, addr);
+}
+
+/* A dial in one call: a non-blocking, close-on-exec TCP socket with TCP_NODELAY (the relay
+ * passes each message on as it comes: Nagle would hold back the last segment of a reply),
+ * connecting to `address` ((host, port) or (host, port, flowinfo, scope_id), numeric).
+ * Returns (socket, 0) once connecting or connected, or (None, errno) if the connect failed at
+ * once; raises OSError when no socket could be made (out of descriptors: the caller stops). */
+static PyObject *
+fp_connect(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "connect(family, address)");
+        return NULL;
+    }
+    long family = PyLong_AsLong(args[0]);
+    if (family == -1 && PyErr_Occurred())
+        return NULL;
+    struct sockaddr_storage ss;
+    socklen_t len;
+    if (parse_client(args[1], (int)family, &ss, &len) < 0)
+        return NULL;
+    int fd = socket((int)family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    int one = 1;
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    int rc;
+    do
+        rc = connect(fd, (struct sockaddr *)&ss, len);
+    while (rc < 0 && errno == EINTR);
+    if (rc < 0 && errno != EINPROGRESS && errno != EAGAIN) {
+        int err = errno;
+        close(fd);
+        return Py_BuildValue("(Oi)", Py_None, err);
+    }
+    PyObject *sock = socket_object(fd, (int)family);
+    if (sock == NULL)
+        return NULL;
+    return Py_BuildValue("(Ni)", sock, 0);
 }
 
 static PyMethodDef fastpath_functions[] = {
     {"accept", (PyCFunction)fp_accept, METH_O,
-     "accept(listen_fd) -> (fd, address): a non-blocking, close-on-exec connection."},
+     "accept(listen_fd) -> (socket, address): a non-blocking, close-on-exec connection."},
+    {"connect", (PyCFunction)(void (*)(void))fp_connect, METH_FASTCALL,
+     "connect(family, address) -> (socket, 0) connecting, or (None, errno): a non-blocking dial."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2267,6 +2410,10 @@ PyInit__fastpath(void)
     if (PyType_Ready(&CoreType) < 0 || PyType_Ready(&PumpType) < 0 || PyType_Ready(&LaneType) < 0 ||
         PyType_Ready(&InletType) < 0)
         return NULL;
+    empty_tuple = PyTuple_New(0);
+    if (empty_tuple == NULL)
+        return NULL;
+    socket_view_init();
     PyObject *m = PyModule_Create(&fastpath_module);
     if (m == NULL)
         return NULL;
@@ -2277,7 +2424,8 @@ PyInit__fastpath(void)
     if (PyModule_AddObject(m, "EpollSet", (PyObject *)&CoreType) < 0 ||
         PyModule_AddObject(m, "Pump", (PyObject *)&PumpType) < 0 ||
         PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0 ||
-        PyModule_AddObject(m, "Inlet", (PyObject *)&InletType) < 0) {
+        PyModule_AddObject(m, "Inlet", (PyObject *)&InletType) < 0 ||
+        PyModule_AddIntConstant(m, "DIRECT_SOCKETS", sock_view_ok) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -32,8 +32,6 @@ from portway.stream.epollset import compiled, compiled_enabled, epoll_set_for
 #: Takes ownership of an accepted, non-blocking socket and the peer address `accept` returned.
 SocketHandler = Callable[[socket.SocketType, Any], None]
 
-_NONBLOCK_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
-
 log = logging.getLogger("portway.accept")
 
 _EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -82,8 +80,9 @@ class _AsyncioAcceptor(Listener):
         # An int, read once: `sock.family` builds an AddressFamily enum on every access.
         self.family = int(sock.family)
         self.batch = _BATCH if on_socket is None else _RAW_BATCH
-        #: The compiled core's accept4(SOCK_NONBLOCK): the raw engine's sockets then need no
-        #: ioctl to become non-blocking (None: the socket module's accept and setblocking).
+        #: The compiled core's accept4(SOCK_NONBLOCK), which also makes the socket object: the
+        #: raw engine's sockets then need no ioctl to become non-blocking and no getsockname
+        #: (the socket constructor's check) to exist (None: the socket module's accept).
         self.accept_nonblocking = compiled.accept if on_socket is not None and compiled_enabled() else None
         loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -92,7 +91,7 @@ class _AsyncioAcceptor(Listener):
         for _ in range(self.batch):
             try:
                 if accept_nonblocking is not None:
-                    fd, addr = accept_nonblocking(sock.fileno())
+                    raw, addr = accept_nonblocking(sock.fileno())
                 elif on_socket is not None:
                     # The C-level accept and socket type: socket.accept() and the socket.socket
                     # class add Python frames to every connection and to every close.
@@ -107,6 +106,9 @@ class _AsyncioAcceptor(Listener):
                     return
                 log.error("accept failed", extra={**self.fields, "action": "accept", "error": str(exc)})
                 break
+            if accept_nonblocking is not None:
+                self._run(on_socket, raw, addr)  # type: ignore[arg-type]  # set with it
+                continue
             if on_socket is not None:
                 self._hand_over(on_socket, fd, addr)
                 continue
@@ -124,16 +126,16 @@ class _AsyncioAcceptor(Listener):
             self.backoff = _BACKOFF_MIN
 
     def _hand_over(self, on_socket: SocketHandler, fd: int, addr: Any) -> None:
-        nonblocking = self.accept_nonblocking is not None
         try:
-            # SOCK_NONBLOCK in the type tells the socket object it is non-blocking already.
-            conn = _socket.socket(self.family, _NONBLOCK_STREAM if nonblocking else socket.SOCK_STREAM, 0, fd)
+            conn = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
+            conn.setblocking(False)
         except OSError:
             os.close(fd)
             return
+        self._run(on_socket, conn, addr)
+
+    def _run(self, on_socket: SocketHandler, conn: socket.SocketType, addr: Any) -> None:
         try:
-            if not nonblocking:
-                conn.setblocking(False)
             on_socket(conn, addr)
         except Exception:
             # The handler owns the socket once called and cleans up after itself; an escaping

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from portway.events import CloseReason, ConnectionRecord
 from portway.proxy_header import UNTRUSTED, HeaderOutcome, HeaderReader, HeaderRefused, relay_header
 from portway.stream.base import Address, addr_str
-from portway.stream.epollset import EPOLL_FAILED, EPOLL_SETS
+from portway.stream.epollset import EPOLL_FAILED, EPOLL_SETS, compiled
 from portway.stream.splice import CopyPump, engine_pump
 
 if TYPE_CHECKING:
@@ -111,6 +111,12 @@ _QUIET_SKIP = 64
 
 #: Less time than this left of the connect timeout is none: fail rather than start a dial.
 _TIME_LEFT = 0.001
+
+#: The compiled core's dial (socket, TCP_NODELAY and connect in one call, see `_fastpath.c`), for
+#: IPv4 and IPv6 targets of connections on the compiled epoll set.
+_compiled_connect = compiled.connect if compiled is not None else None
+_COMPILED_SET = compiled.EpollSet if compiled is not None else None
+_INET = (socket.AF_INET, socket.AF_INET6)
 
 
 class DialWatch:
@@ -436,23 +442,38 @@ class SpliceConn:
             addr = addresses[self.addr_index]
             self.addr_index += 1
             family, sockaddr = addr
-            try:
-                sock = _socket.socket(family, _NONBLOCK_STREAM)
-            except OSError as exc:
-                if exc.errno in _FD_EXHAUSTED:
-                    self._dial_failed(exc)
-                    return
-                last = exc
-                continue
-            try:
-                if not _SOCK_NONBLOCK:
-                    sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                err = sock.connect_ex(sockaddr)
-            except OSError as exc:
-                sock.close()
-                last = exc
-                continue
+            dial = _compiled_connect
+            if dial is not None and type(self.io) is _COMPILED_SET and family in _INET:
+                try:
+                    made, err = dial(family, sockaddr)
+                except OSError as exc:
+                    if exc.errno in _FD_EXHAUSTED:
+                        self._dial_failed(exc)
+                        return
+                    last = exc
+                    continue
+                if made is None:
+                    last = OSError(err, os.strerror(err))
+                    continue
+                sock = made
+            else:
+                try:
+                    sock = _socket.socket(family, _NONBLOCK_STREAM)
+                except OSError as exc:
+                    if exc.errno in _FD_EXHAUSTED:
+                        self._dial_failed(exc)
+                        return
+                    last = exc
+                    continue
+                try:
+                    if not _SOCK_NONBLOCK:
+                        sock.setblocking(False)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    err = sock.connect_ex(sockaddr)
+                except OSError as exc:
+                    sock.close()
+                    last = exc
+                    continue
             if err == 0 or err in _CONNECT_PENDING:
                 self.target_sock = sock
                 self.target_addr = addr
