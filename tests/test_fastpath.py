@@ -458,8 +458,8 @@ async def test_accept_and_connect_make_working_non_blocking_socket_objects() -> 
         assert dialed.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         dialed.send(b"ping")
         assert await asyncio.wait_for(asyncio.get_running_loop().sock_recv(accepted, 4), 5) == b"ping"
+        listener.setblocking(False)
         with pytest.raises(BlockingIOError):
-            listener.setblocking(False)
             compiled.accept(listener.fileno())
     finally:
         for s in (dialed, accepted, listener):
