@@ -73,7 +73,8 @@ class Endpoint:
         self._sock: socket.socket | None = None
         self._local: Address | None = None
         self.fields: dict[str, str] = {}
-        self._conn_log: ConnectionLog | None = None
+        #: The pre-rendered INFO line for new connections; None when INFO is off or not batched.
+        self.conn_log: ConnectionLog | None = None
         self._refresh_fields()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set in prepare()
 
@@ -135,7 +136,7 @@ class Endpoint:
 
     def log_accepted(self, client: str) -> None:
         """The INFO line for a new connection or session, pre-rendered when logging allows it."""
-        fast = self._conn_log
+        fast = self.conn_log
         if fast is not None:
             fast.log(client)
         elif self.LOG.isEnabledFor(logging.INFO):
@@ -143,7 +144,7 @@ class Endpoint:
 
     def _refresh_fields(self) -> None:
         self.fields = {"route": self.name, **self.describe().as_fields()}
-        self._conn_log = connection_log(self.LOG, self.ACCEPT_MESSAGE, {**self.fields, "action": "accept"})
+        self.conn_log = connection_log(self.LOG, self.ACCEPT_MESSAGE, {**self.fields, "action": "accept"})
 
     def stop_pool(self) -> None:
         """Stop resolving and probing, if this stream built its own pool."""

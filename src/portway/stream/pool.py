@@ -275,6 +275,8 @@ class TargetPool:
         self._transition(self.balancer.dial_failed(index, self.loop.time()))
 
     def dial_succeeded(self, target: int | TargetState, addr: SockAddr | None = None) -> None:
+        if addr is None and (self.trivial or self.loop is None):
+            return  # the first address answered and there is no health to count: nothing to learn
         index = self._index(target)
         if index is None:
             return

@@ -188,8 +188,8 @@ class _Client(asyncio.Protocol):
 
     def _admitted(self) -> None:
         stream = self.stream
-        if stream.log_conns:
-            stream.log_accepted(addr_str(self.client))
+        if stream.log_conns and (stream.conn_log is not None or log.isEnabledFor(logging.INFO)):
+            stream.log_accepted(addr_str(self.client))  # formatted only for a log that takes it
         if stream.limited:
             reason = stream.over_limit(len(stream.conns) - 1, self.client[0])
             if reason is not None:

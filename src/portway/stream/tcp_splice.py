@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from portway.access import AccessControl
     from portway.balance import TargetState
     from portway.events import Observer
+    from portway.logs import ConnectionLog
     from portway.proxy_header import ProxyProtocolPolicy
     from portway.stream.base import Hook
     from portway.stream.pool import TargetPool
@@ -75,6 +76,7 @@ class TCPRoute(Protocol):
     connect_timeout: float
     pipe_pool: PipePool | None
     log_conns: bool
+    conn_log: ConnectionLog | None
     limited: bool
     pre_dial: Hook | None
     quiet_clients: int
@@ -256,8 +258,8 @@ class SpliceConn:
     def start_plain(self) -> None:
         """No ACL, no PROXY protocol: log and dial at once (the fast path)."""
         stream = self.stream
-        if stream.log_conns:
-            stream.log_accepted(addr_str(self.client))
+        if stream.log_conns and (stream.conn_log is not None or log.isEnabledFor(logging.INFO)):
+            stream.log_accepted(addr_str(self.client))  # formatted only for a log that takes it
         if stream.limited:
             reason = stream.over_limit(len(stream.conns) - 1, self.client[0])
             if reason is not None:

@@ -695,7 +695,7 @@ class UDPStream(Endpoint):
         session.counted = counted
         self.sessions.add(client, session)
         session.send(data)
-        if self._conn_log is not None or log.isEnabledFor(logging.INFO):
+        if self.conn_log is not None or log.isEnabledFor(logging.INFO):
             self.log_accepted(_client_str(client))
         if observer is not None:
             observer.accepted(self.name, "udp")
