@@ -562,6 +562,26 @@ async def test_pump_refused_by_the_loop_closes_cleanly_and_serving_goes_on(
         return pump
 
     monkeypatch.setattr(tcp_splice, "engine_pump", refuse_once)
+    real_pump = tcp_splice._COMPILED_PUMP
+
+    class OnceRefused:
+        """The compiled pump (started by `launch`, not through `engine_pump`), refused once."""
+
+        def __init__(self, *args: Any) -> None:
+            assert real_pump is not None
+            self.pump = real_pump(*args)
+
+        def launch(self, read_first: bool) -> bool:
+            if failures:
+                failures.pop()
+                raise RuntimeError("File descriptor is used by transport")
+            return bool(self.pump.launch(read_first))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.pump, name)
+
+    if real_pump is not None:
+        monkeypatch.setattr(tcp_splice, "_COMPILED_PUMP", OnceRefused)
     loop_errors: list[dict[str, object]] = []
     asyncio.get_running_loop().set_exception_handler(lambda _loop, context: loop_errors.append(context))
     try:

@@ -580,18 +580,16 @@ core_add_connecting(Core *c, PyObject *const *args, Py_ssize_t nargs)
     return core_add(c, args, nargs, 1, 1);
 }
 
-static PyObject *
-core_remove(Core *c, PyObject *arg, int writer)
+/* 1: removed, 0: there was no such callback, -1: error set. */
+static int
+core_remove_fd(Core *c, int fd, int writer)
 {
-    int fd;
-    if (parse_fd(arg, &fd) < 0)
-        return NULL;
     if (fd >= c->nwatches || c->epfd < 0)
-        Py_RETURN_FALSE;
+        return 0;
     Watch *w = &c->watches[fd];
     PyObject *cb = writer ? w->writer : w->reader;
     if (!w->used || cb == NULL)
-        Py_RETURN_FALSE;
+        return 0;
     PyObject *cbargs;
     if (writer) {
         cbargs = w->writer_args;
@@ -606,9 +604,19 @@ core_remove(Core *c, PyObject *arg, int writer)
     int rc = core_changed(c, fd);
     Py_DECREF(cb);
     Py_XDECREF(cbargs);
+    return rc < 0 ? -1 : 1;
+}
+
+static PyObject *
+core_remove(Core *c, PyObject *arg, int writer)
+{
+    int fd;
+    if (parse_fd(arg, &fd) < 0)
+        return NULL;
+    int rc = core_remove_fd(c, fd, writer);
     if (rc < 0)
         return NULL;
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(rc);
 }
 
 static PyObject *
@@ -623,14 +631,12 @@ core_remove_writer(Core *c, PyObject *arg)
     return core_remove(c, arg, 1);
 }
 
-static PyObject *
-core_forget(Core *c, PyObject *arg)
+/* Drop fd from the set before it is closed (its number may be reused at once). */
+static void
+core_forget_fd(Core *c, int fd)
 {
-    int fd;
-    if (parse_fd(arg, &fd) < 0)
-        return NULL;
-    if (fd >= c->nwatches)
-        Py_RETURN_NONE;
+    if (fd < 0 || fd >= c->nwatches)
+        return;
     Watch *w = &c->watches[fd];
     if (!w->used) {
         /* No interest left, but an edge-triggered registration stays until the close that
@@ -640,7 +646,7 @@ core_forget(Core *c, PyObject *arg)
         w->dirty = 0;
         if (c->dispatching)
             w->gone_epoch = c->epoch; /* its events in this batch belong to the old socket */
-        Py_RETURN_NONE;
+        return;
     }
     PyObject *r = w->reader, *ra = w->reader_args, *wr = w->writer, *wa = w->writer_args;
     w->reader = w->reader_args = w->writer = w->writer_args = NULL;
@@ -655,6 +661,15 @@ core_forget(Core *c, PyObject *arg)
     Py_XDECREF(ra);
     Py_XDECREF(wr);
     Py_XDECREF(wa);
+}
+
+static PyObject *
+core_forget(Core *c, PyObject *arg)
+{
+    int fd;
+    if (parse_fd(arg, &fd) < 0)
+        return NULL;
+    core_forget_fd(c, fd);
     Py_RETURN_NONE;
 }
 
@@ -1349,6 +1364,69 @@ pump_read_now(Pump *p, PyObject *arg)
     return PyBool_FromLong(result);
 }
 
+/* What the raw engine does the moment its dial to b connects, in one call: the caller's close
+ * sends the last FIN (shutdown_last = False), start, drop the dial's writer on b (the pump owns
+ * b's interest from now on; started first, so the registration is changed, not removed and
+ * added again), and, if `read_first`, read a's bytes already queued. Returns False only when
+ * that early read found nothing (a client waiting for the server to speak first). */
+static PyObject *
+pump_launch(Pump *p, PyObject *arg)
+{
+    int read_first = PyObject_IsTrue(arg);
+    if (read_first < 0)
+        return NULL;
+    p->shutdown_last = 0;
+    PyObject *r = pump_start(p, NULL);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    if (core_remove_fd(p->core, p->d[1].src, 1) < 0)
+        return NULL;
+    if (!read_first || p->closed)
+        Py_RETURN_TRUE;
+    PyObject *zero = PyLong_FromLong(0);
+    if (zero == NULL)
+        return NULL;
+    r = pump_read_now(p, zero);
+    Py_DECREF(zero);
+    return r;
+}
+
+/* Stop (if still running), then drop both sockets from the set and close them: the end of a
+ * relayed connection in one call. */
+static PyObject *
+pump_end(Pump *p, PyObject *Py_UNUSED(ignored))
+{
+    int rc = pump_stop(p);
+    PyObject *et = NULL, *ev = NULL, *tb = NULL;
+    if (rc < 0)
+        PyErr_Fetch(&et, &ev, &tb);
+    PyObject *socks[2] = {p->a, p->b};
+    int fds[2] = {p->d[0].src, p->d[1].src};
+    for (int i = 0; i < 2; i++) {
+        PyObject *sock = socks[i];
+        if (sock == NULL)
+            continue;
+        Py_INCREF(sock);
+        if (p->core != NULL)
+            core_forget_fd(p->core, fds[i]);
+        PyObject *r = PyObject_CallMethod(sock, "close", NULL);
+        if (r == NULL) {
+            if (et == NULL && ev == NULL)
+                PyErr_Fetch(&et, &ev, &tb);
+            else
+                PyErr_Clear();
+        }
+        Py_XDECREF(r);
+        Py_DECREF(sock);
+    }
+    if (et != NULL || ev != NULL) {
+        PyErr_Restore(et, ev, tb);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 pump_get_pipes_held(Pump *p, void *Py_UNUSED(closure))
 {
@@ -1414,6 +1492,10 @@ static PyMethodDef pump_methods[] = {
      "Stop relaying without calling the completion callback."},
     {"read_now", (PyCFunction)pump_read_now, METH_O,
      "Read side index (0: from a) without waiting for readiness; False if nothing was there."},
+    {"launch", (PyCFunction)pump_launch, METH_O,
+     "Start on a just-connected b (see the C source); False if an early read of a found nothing."},
+    {"finish", (PyCFunction)pump_end, METH_NOARGS,
+     "Stop, then forget both sockets in the epoll set and close them."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -118,6 +118,7 @@ _TIME_LEFT = 0.001
 #: IPv4 and IPv6 targets of connections on the compiled epoll set.
 _compiled_connect = compiled.connect if compiled is not None else None
 _COMPILED_SET = compiled.EpollSet if compiled is not None else None
+_COMPILED_PUMP = compiled.Pump if compiled is not None else None
 _INET = (socket.AF_INET, socket.AF_INET6)
 
 
@@ -526,6 +527,25 @@ class SpliceConn:
             self.io.remove_writer(sock.fileno())
             self._send_initial(initial)
             return
+        pipes = stream.pipe_pool
+        if pipes is not None and type(io) is _COMPILED_SET:
+            # The compiled pump starts, drops our writer and reads what the client sent while we
+            # dialed (see `_read_client_now`) in one call.
+            self.phase = _PUMPING
+            pump = self.pump = _COMPILED_PUMP(io, self.client_sock, sock, self._pump_done, pipes)
+            quiet = stream.quiet_clients
+            if quiet:
+                stream.quiet_clients = quiet - 1
+            try:
+                spoke = pump.launch(not quiet)
+            except (OSError, RuntimeError):
+                io.remove_writer(sock.fileno())
+                self.reason = "error"
+                self._close()
+                return
+            if not spoke:
+                stream.quiet_clients = _QUIET_SKIP
+            return
         # Start the pump (which registers a reader on this fd) before removing our writer, so on
         # uvloop the descriptor's poll handle is kept instead of closed and opened again.
         self._start_pump(sock)
@@ -695,7 +715,8 @@ class SpliceConn:
         self.phase = _CLOSED
         stream = self.stream
         io = self.io
-        self._stop_timers()
+        if self.timer is not None or self.watched:
+            self._stop_timers()
         if self.dial_task is not None:
             task, self.dial_task = self.dial_task, None
             task.cancel()
@@ -712,6 +733,12 @@ class SpliceConn:
         if self.holding is not None:
             stream.pool.released(self.holding)
             self.holding = None
+        if type(pump) is _COMPILED_PUMP:
+            # Stops it, then forgets and closes both sockets (the client's and the target's).
+            self.pump = self.target_sock = None
+            pump.finish()
+            stream.forget(self)
+            return
         if pump is not None:
             pump.close()  # removes its own readers and writers; a no-op if it already finished
             self.pump = None
