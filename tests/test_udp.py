@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 from collections.abc import AsyncIterator
 
@@ -352,3 +353,36 @@ async def test_close_ends_sessions(proxy: UDPStream) -> None:
     await proxy.close()
     assert len(proxy.sessions) == 0
     client.close()
+
+
+async def test_churning_sessions_answer_every_datagram_and_leave_nothing_behind(
+    udp_echo: UDPEchoTarget, core: str
+) -> None:
+    """Clients come and go faster than the idle timeout: sessions expire and are made again
+    while datagrams flow (on the compiled core: lanes unbound and bound again in the inlet).
+    Every datagram is answered, in order per client, and nothing is left once they stop."""
+    stream = UDPStream("udp4", "127.0.0.1:0", udp_echo.addr, idle_timeout=0.1)
+    await stream.listen_and_serve()
+    rng = random.Random(12)
+    clients = [await client_for(stream) for _ in range(30)]
+    try:
+        for rnd in range(25):
+            sent = {
+                i: [b"%d/%d/%d" % (i, rnd, n) for n in range(rng.randint(1, 6))]
+                for i in rng.sample(range(30), 8)
+            }
+            for i, datagrams in sent.items():
+                for data in datagrams:
+                    clients[i].send(data)
+            for i, datagrams in sent.items():
+                assert [await clients[i].recv() for _ in datagrams] == datagrams
+            await asyncio.sleep(rng.random() * 0.06)  # the traffic pattern under test: gaps near the timeout
+        await wait_until(lambda: len(stream.sessions) == 0)
+        listener = stream._listener
+        if core == "compiled":
+            assert listener is not None and listener.inlet is not None
+            assert listener.inlet.bound == 0 and listener.inlet.direct > 0
+    finally:
+        for c in clients:
+            c.close()
+        await stream.close()
