@@ -1714,16 +1714,25 @@ inlet_report_errno(Inlet *in, int err)
     return report_errno(in->on_error, err);
 }
 
+/* The lane is no longer bound; the caller sees to the inlet's dict. Returns the key it was
+ * bound under (a new reference to drop), or NULL. */
+static PyObject *
+lane_drop_binding(Lane *l)
+{
+    PyObject *key = l->key;
+    l->bound = 0;
+    l->key = NULL;
+    Py_CLEAR(l->prefix);
+    return key;
+}
+
 static void
 lane_unbind(Lane *l)
 {
     if (!l->bound)
         return;
-    l->bound = 0;
     Inlet *in = l->inlet;
-    PyObject *key = l->key;
-    l->key = NULL;
-    Py_CLEAR(l->prefix);
+    PyObject *key = lane_drop_binding(l);
     if (key == NULL)
         return;
     if (in != NULL && in->lanes != NULL) {
@@ -1746,6 +1755,24 @@ lane_report_errno(Lane *l, int err)
     return report_errno(l->on_error, err);
 }
 
+/* Point each of the LANE_VLEN messages at its own DATAGRAM_MAX slice of `buf` (and, if
+ * `from`, at its own source address). */
+static void
+batch_prepare(struct mmsghdr *msgs, struct iovec *iov, char *buf, struct sockaddr_storage *from)
+{
+    memset(msgs, 0, sizeof(*msgs) * LANE_VLEN);
+    for (int i = 0; i < LANE_VLEN; i++) {
+        iov[i].iov_base = buf + (size_t)i * DATAGRAM_MAX;
+        iov[i].iov_len = DATAGRAM_MAX;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        if (from != NULL) {
+            msgs[i].msg_hdr.msg_name = &from[i];
+            msgs[i].msg_hdr.msg_namelen = sizeof(from[i]);
+        }
+    }
+}
+
 static int
 lane_on_readable(Lane *l)
 {
@@ -1760,13 +1787,7 @@ lane_on_readable(Lane *l)
     struct mmsghdr msgs[LANE_VLEN];
     struct iovec iov[LANE_VLEN];
     for (int round = 0; round < LANE_BATCH / LANE_VLEN && !l->closed; round++) {
-        memset(msgs, 0, sizeof(msgs));
-        for (int i = 0; i < LANE_VLEN; i++) {
-            iov[i].iov_base = buf + (size_t)i * DATAGRAM_MAX;
-            iov[i].iov_len = DATAGRAM_MAX;
-            msgs[i].msg_hdr.msg_iov = &iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-        }
+        batch_prepare(msgs, iov, buf, NULL);
         int n;
         do
             n = recvmmsg(l->fd, msgs, LANE_VLEN, MSG_DONTWAIT, NULL);
@@ -1843,15 +1864,7 @@ inlet_on_readable(Inlet *in)
     Py_INCREF(in);
     int result = 0;
     for (int round = 0; round < LANE_BATCH / LANE_VLEN && !in->closed && result == 0; round++) {
-        memset(msgs, 0, sizeof(msgs));
-        for (int i = 0; i < LANE_VLEN; i++) {
-            iov[i].iov_base = buf + (size_t)i * DATAGRAM_MAX;
-            iov[i].iov_len = DATAGRAM_MAX;
-            msgs[i].msg_hdr.msg_iov = &iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-            msgs[i].msg_hdr.msg_name = &from[i];
-            msgs[i].msg_hdr.msg_namelen = sizeof(from[i]);
-        }
+        batch_prepare(msgs, iov, buf, from);
         int n;
         do
             n = recvmmsg(in->fd, msgs, LANE_VLEN, MSG_DONTWAIT, NULL);
@@ -2036,13 +2049,8 @@ lane_bind(Lane *l, PyObject *args, PyObject *kwds)
         Py_DECREF(key);
         return NULL;
     }
-    if (old != NULL) {
-        /* The client moved to a new session: the old one stops being bound. */
-        Lane *o = (Lane *)old;
-        o->bound = 0;
-        Py_CLEAR(o->key);
-        Py_CLEAR(o->prefix);
-    }
+    if (old != NULL) /* the client moved to a new session: the old one stops being bound */
+        Py_XDECREF(lane_drop_binding((Lane *)old));
     if (PyDict_SetItem(in->lanes, key, (PyObject *)l) < 0) {
         Py_DECREF(key);
         return NULL;
@@ -2197,12 +2205,8 @@ inlet_unbind_lanes(Inlet *in)
         return;
     PyObject *k, *v;
     Py_ssize_t pos = 0;
-    while (PyDict_Next(lanes, &pos, &k, &v)) {
-        Lane *l = (Lane *)v;
-        l->bound = 0;
-        Py_CLEAR(l->key);
-        Py_CLEAR(l->prefix);
-    }
+    while (PyDict_Next(lanes, &pos, &k, &v))
+        Py_XDECREF(lane_drop_binding((Lane *)v));
     PyDict_Clear(lanes);
 }
 
