@@ -640,7 +640,7 @@ class TCPStream(Endpoint):
         #: The loop's pipe pool when the raw engine relays with splice (set when serving starts).
         self.pipe_pool: splice.PipePool | None = None
         #: Connections left that skip the raw engine's early read of the client (see
-        #: `SpliceConn._read_client_now`): > 0 after a client had sent nothing yet.
+        #: `SpliceConn._start_pump`): > 0 after a client had sent nothing yet.
         self.quiet_clients = 0
         #: Where the raw engine's connections register readiness callbacks: the engine's epoll
         #: set once the route splices (`_use_pipes`), else the loop.

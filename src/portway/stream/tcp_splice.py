@@ -22,7 +22,7 @@ except for an async `pre_dial` hook):
 4. **Pump**: the compiled pump (`splice.engine_pump`; `SplicePump` where the core was not
    built) relays both ways with half-close. It starts by reading the client at
    once (most clients speak first, so their bytes are already queued: one wake-up saved; a
-   route whose clients wait for a banner stops trying, see `_read_client_now`). When it ends,
+   route whose clients wait for a banner stops trying, see `_start_pump`). When it ends,
    both sockets are closed
    here, exactly once, after every reader and writer on them has been removed: uvloop misbehaves
    on callbacks left registered on a closed (or reused) descriptor.
@@ -120,6 +120,24 @@ _compiled_connect = compiled.connect if compiled is not None else None
 _COMPILED_SET = compiled.EpollSet if compiled is not None else None
 _COMPILED_PUMP = compiled.Pump if compiled is not None else None
 _INET = (socket.AF_INET, socket.AF_INET6)
+
+
+def _connect(family: int, address: Any) -> tuple[socket.SocketType | None, int]:
+    """Start a non-blocking dial with TCP_NODELAY, as `_fastpath.connect` does: (socket, 0)
+    once connecting, (None, errno) if it failed at once; OSError if no socket could be made."""
+    sock = _socket.socket(family, _NONBLOCK_STREAM)
+    try:
+        if not _SOCK_NONBLOCK:
+            sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex(address)
+    except OSError as exc:
+        sock.close()
+        return None, exc.errno or errno.EIO
+    if err == 0 or err in _CONNECT_PENDING:
+        return sock, 0
+    sock.close()
+    return None, err
 
 
 class DialWatch:
@@ -446,49 +464,28 @@ class SpliceConn:
             self.addr_index += 1
             family, sockaddr = addr
             dial = _compiled_connect
-            if dial is not None and type(self.io) is _COMPILED_SET and family in _INET:
-                try:
-                    made, err = dial(family, sockaddr)
-                except OSError as exc:
-                    if exc.errno in _FD_EXHAUSTED:
-                        self._dial_failed(exc)
-                        return
-                    last = exc
-                    continue
-                if made is None:
-                    last = OSError(err, os.strerror(err))
-                    continue
-                sock = made
-            else:
-                try:
-                    sock = _socket.socket(family, _NONBLOCK_STREAM)
-                except OSError as exc:
-                    if exc.errno in _FD_EXHAUSTED:
-                        self._dial_failed(exc)
-                        return
-                    last = exc
-                    continue
-                try:
-                    if not _SOCK_NONBLOCK:
-                        sock.setblocking(False)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    err = sock.connect_ex(sockaddr)
-                except OSError as exc:
-                    sock.close()
-                    last = exc
-                    continue
-            if err == 0 or err in _CONNECT_PENDING:
-                self.target_sock = sock
-                self.target_addr = addr
-                try:
-                    add = self.stream.add_connecting
-                    (self.io.add_writer if add is None else add)(sock.fileno(), self._on_connected)
-                except (OSError, RuntimeError):
-                    self.reason = "error"
-                    self._close()
-                return
-            sock.close()
-            last = OSError(err, os.strerror(err))
+            if dial is None or type(self.io) is not _COMPILED_SET or family not in _INET:
+                dial = _connect
+            try:
+                sock, err = dial(family, sockaddr)
+            except OSError as exc:
+                if exc.errno in _FD_EXHAUSTED:
+                    self._dial_failed(exc)
+                    return
+                last = exc
+                continue
+            if sock is None:
+                last = OSError(err, os.strerror(err))
+                continue
+            self.target_sock = sock
+            self.target_addr = addr
+            try:
+                add = self.stream.add_connecting
+                (self.io.add_writer if add is None else add)(sock.fileno(), self._on_connected)
+            except (OSError, RuntimeError):
+                self.reason = "error"
+                self._close()
+            return
         self._target_failed(last if last is not None else OSError(errno.EHOSTUNREACH, "no target address"))
 
     def _on_connected(self) -> None:
@@ -527,31 +524,7 @@ class SpliceConn:
             self.io.remove_writer(sock.fileno())
             self._send_initial(initial)
             return
-        pipes = stream.pipe_pool
-        if pipes is not None and type(io) is _COMPILED_SET:
-            # The compiled pump starts, drops our writer and reads what the client sent while we
-            # dialed (see `_read_client_now`) in one call.
-            self.phase = _PUMPING
-            pump = self.pump = _COMPILED_PUMP(io, self.client_sock, sock, self._pump_done, pipes)
-            quiet = stream.quiet_clients
-            if quiet:
-                stream.quiet_clients = quiet - 1
-            try:
-                spoke = pump.launch(not quiet)
-            except (OSError, RuntimeError):
-                io.remove_writer(sock.fileno())
-                self.reason = "error"
-                self._close()
-                return
-            if not spoke:
-                stream.quiet_clients = _QUIET_SKIP
-            return
-        # Start the pump (which registers a reader on this fd) before removing our writer, so on
-        # uvloop the descriptor's poll handle is kept instead of closed and opened again.
-        self._start_pump(sock)
-        if self.phase == _PUMPING:  # else _start_pump failed and has already cleaned up
-            self.io.remove_writer(sock.fileno())
-            self._read_client_now()
+        self._start_pump(sock, connecting=True)
 
     def _stop_timers(self) -> None:
         """The dial is over (connected, or the connection closing): no deadline may fire."""
@@ -612,9 +585,7 @@ class SpliceConn:
             self.phase = _SENDING
             self.io.add_writer(sock.fileno(), self._on_initial_writable)
             return
-        self._start_pump(sock)
-        if self.phase == _PUMPING:
-            self._read_client_now()
+        self._start_pump(sock, connecting=False)
 
     def _on_initial_writable(self) -> None:
         sock = self.target_sock
@@ -626,42 +597,51 @@ class SpliceConn:
 
     # -- relay -------------------------------------------------------------------------------
 
-    def _start_pump(self, target: socket.SocketType) -> None:
-        self.phase = _PUMPING
-        stream = self.stream
-        pump: RelayPump
-        if stream.pipe_pool is not None:
-            pump = engine_pump(
-                stream.loop, self.io, self.client_sock, target, self._pump_done, stream.pipe_pool
-            )
-        else:
-            pump = CopyPump(stream.loop, self.client_sock, target, self._pump_done)
-        pump.shutdown_last = False  # _close() follows at once and sends that FIN
-        self.pump = pump
-        try:
-            pump.start()
-        except (OSError, RuntimeError):
-            # uvloop refuses a descriptor it still maps to a live transport: never leave one
-            # side registered and the connection half open. The connect writer may still be
-            # registered on the target (see _on_connected): drop it before the socket closes.
-            self.io.remove_writer(target.fileno())
-            self.reason = "error"
-            self._close()
-
-    def _read_client_now(self) -> None:
-        """Pass on what the client sent while we dialed, now rather than a wake-up later.
+    def _start_pump(self, target: socket.SocketType, *, connecting: bool) -> None:
+        """Relay from now on, and pass on what the client sent while we dialed at once rather
+        than a wake-up later. `connecting`: the dial's writer is still registered on `target`.
 
         A client speaking first (HTTP, TLS, most request/response protocols) has its first
         bytes queued by the time the target accepts, so reading at once saves the wake-up that
         would report them. A route whose clients wait for the server learns that from a read
         that finds nothing, and skips the next `_QUIET_SKIP` early reads.
         """
+        self.phase = _PUMPING
         stream = self.stream
-        if stream.quiet_clients:
-            stream.quiet_clients -= 1
+        quiet = stream.quiet_clients
+        if quiet:
+            stream.quiet_clients = quiet - 1
+        pipes = stream.pipe_pool
+        io = self.io
+        pump: RelayPump
+        try:
+            if pipes is not None and type(io) is _COMPILED_SET:
+                # The same steps as below, in one call (it drops a writer only if there is one).
+                compiled_pump = _COMPILED_PUMP(io, self.client_sock, target, self._pump_done, pipes)
+                self.pump = compiled_pump
+                spoke = compiled_pump.launch(not quiet)
+            else:
+                if pipes is not None:
+                    pump = engine_pump(stream.loop, io, self.client_sock, target, self._pump_done, pipes)
+                else:
+                    pump = CopyPump(stream.loop, self.client_sock, target, self._pump_done)
+                pump.shutdown_last = False  # _close() follows at once and sends that FIN
+                self.pump = pump
+                pump.start()
+                # Removed after the pump registered its reader on this fd, so on uvloop the
+                # descriptor's poll handle is kept instead of closed and opened again.
+                if connecting:
+                    io.remove_writer(target.fileno())
+                spoke = bool(quiet) or pump.read_now(0)
+        except (OSError, RuntimeError):
+            # uvloop refuses a descriptor it still maps to a live transport: never leave one
+            # side registered and the connection half open. The connect writer may still be
+            # registered on the target: drop it before the socket closes.
+            io.remove_writer(target.fileno())
+            self.reason = "error"
+            self._close()
             return
-        pump = self.pump
-        if pump is not None and not pump.read_now(0):
+        if not spoke:
             stream.quiet_clients = _QUIET_SKIP
 
     def _pump_done(self, exc: BaseException | None) -> None:
