@@ -139,19 +139,10 @@ class _Session(asyncio.DatagramProtocol):
             self, data
         ):
             return
+        self._forward(data)
         lane = self.lane
-        if lane is not None:
-            lane.send(data)
-            if not lane.bound:  # still where it should be (checked above): the next ones skip Python
-                self.bind(lane)
-            return
-        transport = self.transport
-        if (
-            transport is not None
-            and not transport.is_closing()
-            and transport.get_write_buffer_size() < SEND_BUFFER_LIMIT  # type: ignore[attr-defined]
-        ):
-            transport.sendto(data)
+        if lane is not None and not lane.bound:  # where it should be (checked above): the next skip Python
+            self.bind(lane)
 
     def ready(self) -> None:
         queue, self.queue = self.queue, None
