@@ -565,7 +565,7 @@ async def test_pump_refused_by_the_loop_closes_cleanly_and_serving_goes_on(
     real_pump = tcp_splice._COMPILED_PUMP
 
     class OnceRefused:
-        """The compiled pump (started by `launch`, not through `engine_pump`), refused once."""
+        """The compiled pump (started by `dial` or `launch`, not through `engine_pump`), refused once."""
 
         def __init__(self, *args: Any) -> None:
             assert real_pump is not None
@@ -576,6 +576,12 @@ async def test_pump_refused_by_the_loop_closes_cleanly_and_serving_goes_on(
                 failures.pop()
                 raise RuntimeError("File descriptor is used by transport")
             return bool(self.pump.launch(read_first))
+
+        def dial(self, on_dialed: Any, read_first: bool, notify: bool) -> None:
+            if failures:
+                failures.pop()
+                raise RuntimeError("File descriptor is used by transport")
+            self.pump.dial(on_dialed, read_first, notify)
 
         def __getattr__(self, name: str) -> Any:
             return getattr(self.pump, name)

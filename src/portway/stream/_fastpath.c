@@ -53,6 +53,9 @@
 #define STEP_AGAIN (-2)
 #define STEP_ERROR (-1)
 
+/* Names looked up on every connection, made once (a C string would be decoded on each call). */
+static PyObject *str_fileno, *str_close, *str_pipe_size, *str_acquire;
+
 typedef struct Pump Pump;
 typedef struct Lane Lane;
 typedef struct Inlet Inlet;
@@ -120,6 +123,8 @@ struct Pump {
     char shutdown_last;
     int hooked; /* registered natively in core: must unhook before it goes */
     long long reads; /* read calls on either source: lets tests prove the pump does not spin */
+    PyObject *on_dialed; /* while `dialing`: told how the dial to b ended (see pump_dial) */
+    char dialing, read_first, notify, launched;
 };
 
 static PyTypeObject CoreType;
@@ -973,6 +978,8 @@ pump_stop(Pump *p)
     if (p->closed)
         return 0;
     p->closed = 1;
+    p->dialing = 0;
+    Py_CLEAR(p->on_dialed);
     pump_release_fds(p);
     for (int i = 0; i < 2; i++) {
         if (pump_drop_holding(p, &p->d[i]) < 0)
@@ -1082,7 +1089,7 @@ pump_fill(Pump *p, Dir *d, int more, int *py_error)
             }
             return n;
         }
-        PyObject *pipe = PyObject_CallMethod(p->pool, "acquire", NULL);
+        PyObject *pipe = PyObject_CallMethodNoArgs(p->pool, str_acquire);
         if (pipe == NULL) {
             *py_error = 1;
             return STEP_ERROR;
@@ -1230,11 +1237,78 @@ drained:
     return 0;
 }
 
+static int pump_launch_now(Pump *p, int read_first, int *spoke);
+
+/* Tell Python how the dial went: on_dialed(code), errno > 0 if it failed, 0 connected, -1 the
+ * client had sent nothing by then. -1 only if the callback raised. */
+static int
+pump_tell_dialed(Pump *p, PyObject *cb, int code)
+{
+    PyObject *arg = PyLong_FromLong(code);
+    PyObject *r = arg ? PyObject_CallOneArg(cb, arg) : NULL;
+    Py_XDECREF(arg);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* b, being dialed, reported writability: the connect's outcome. Connected, the pump launches
+ * itself here, without a Python call unless the caller asked to be told (`notify`: a pool's
+ * health and balance, metrics) or the early read found a client waiting for the server. A
+ * failed dial always goes back to Python, which fails over to the next address or target. */
+static int
+pump_connected(Pump *p)
+{
+    Core *c = p->core;
+    int fd = p->d[1].src;
+    uint32_t ev = c->ready_events;
+    int err = 0;
+    if (ev & EV_ERR) { /* a failed connect always sets EPOLLERR; writable alone means connected */
+        socklen_t len = sizeof(err);
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+            err = errno ? errno : EIO;
+    }
+    PyObject *cb = p->on_dialed;
+    p->on_dialed = NULL;
+    p->dialing = 0;
+    if (err) {
+        /* This pump is spent: Python closes b and makes a new pump for its next dial. */
+        p->closed = 1;
+        pump_release_fds(p);
+        int rc = pump_tell_dialed(p, cb, err);
+        Py_DECREF(cb);
+        return rc;
+    }
+    if (fd < c->nwatches) {
+        Watch *w = &c->watches[fd];
+        w->native_write = 0;
+        w->et = 1; /* writability was for the connect: see pump_start */
+    }
+    int rc = 0;
+    Py_INCREF(p);
+    if (p->notify)
+        rc = pump_tell_dialed(p, cb, 0);
+    int spoke = 1;
+    if (rc == 0 && !p->closed)
+        rc = pump_launch_now(p, p->read_first, &spoke);
+    if (rc == 0 && !spoke && !p->closed)
+        rc = pump_tell_dialed(p, cb, -1);
+    /* Bytes that came with the connect's edge (a server speaking first): no new edge follows. */
+    if (rc == 0 && !p->closed && (ev & EV_IN))
+        rc = pump_on_readable(p, &p->d[1], 0);
+    Py_DECREF(p);
+    Py_DECREF(cb);
+    return rc;
+}
+
 static int
 pump_on_writable(Pump *p, Dir *d)
 {
     if (p->closed)
         return 0;
+    if (p->dialing)
+        return pump_connected(p);
     if (pump_flush(p, d) < 0)
         return pump_fail_errno(p, d, 1, errno);
     if (d->pending)
@@ -1250,10 +1324,17 @@ pump_on_writable(Pump *p, Dir *d)
     return pump_on_readable(p, d, 1);
 }
 
+static int socket_view_fd(PyObject *sock);
+
 static int
 socket_fd(PyObject *sock, int *fd)
 {
-    PyObject *r = PyObject_CallMethod(sock, "fileno", NULL);
+    int v0 = socket_view_fd(sock);
+    if (v0 >= 0) { /* the socket module's own object: its descriptor, without a method call */
+        *fd = v0;
+        return 0;
+    }
+    PyObject *r = PyObject_CallMethodNoArgs(sock, str_fileno);
     if (r == NULL)
         return -1;
     long v = PyLong_AsLong(r);
@@ -1273,13 +1354,21 @@ pump_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"io", "a", "b", "on_done", "pool", NULL};
     PyObject *io, *a, *b, *on_done, *pool;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OOOO", kwlist, &CoreType, &io, &a, &b, &on_done,
-                                     &pool))
+    if (kwds == NULL && PyTuple_GET_SIZE(args) == 5 && Py_IS_TYPE(PyTuple_GET_ITEM(args, 0), &CoreType)) {
+        /* How the engine calls it, once per connection: no format string to interpret. */
+        io = PyTuple_GET_ITEM(args, 0);
+        a = PyTuple_GET_ITEM(args, 1);
+        b = PyTuple_GET_ITEM(args, 2);
+        on_done = PyTuple_GET_ITEM(args, 3);
+        pool = PyTuple_GET_ITEM(args, 4);
+    }
+    else if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OOOO", kwlist, &CoreType, &io, &a, &b, &on_done,
+                                          &pool))
         return NULL;
     int fa, fb;
     if (socket_fd(a, &fa) < 0 || socket_fd(b, &fb) < 0)
         return NULL;
-    PyObject *size = PyObject_GetAttrString(pool, "pipe_size");
+    PyObject *size = PyObject_GetAttr(pool, str_pipe_size);
     if (size == NULL)
         return NULL;
     Py_ssize_t pipe_chunk = PyLong_AsSsize_t(size);
@@ -1369,27 +1458,88 @@ pump_read_now(Pump *p, PyObject *arg)
  * b's interest from now on; started first, so the registration is changed, not removed and
  * added again), and, if `read_first`, read a's bytes already queued. Returns False only when
  * that early read found nothing (a client waiting for the server to speak first). */
+static int
+pump_launch_now(Pump *p, int read_first, int *spoke)
+{
+    p->shutdown_last = 0;
+    p->launched = 1;
+    *spoke = 1;
+    PyObject *r = pump_start(p, NULL);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    if (core_remove_fd(p->core, p->d[1].src, 1) < 0)
+        return -1;
+    if (!read_first || p->closed)
+        return 0;
+    Dir *d = &p->d[0];
+    long long before = d->moved;
+    int rc = pump_on_readable(p, d, 1);
+    *spoke = d->moved != before || d->eof || p->closed;
+    return rc;
+}
+
 static PyObject *
 pump_launch(Pump *p, PyObject *arg)
 {
     int read_first = PyObject_IsTrue(arg);
     if (read_first < 0)
         return NULL;
-    p->shutdown_last = 0;
-    PyObject *r = pump_start(p, NULL);
-    if (r == NULL)
+    int spoke;
+    Py_INCREF(p);
+    int rc = pump_launch_now(p, read_first, &spoke);
+    Py_DECREF(p);
+    if (rc < 0)
         return NULL;
-    Py_DECREF(r);
-    if (core_remove_fd(p->core, p->d[1].src, 1) < 0)
+    return PyBool_FromLong(spoke);
+}
+
+/* The raw engine's dial, handed over right after connect() started: b (connecting) is watched
+ * for writability here, and its outcome handled in C (pump_connected) instead of through a
+ * Python writer callback. Nothing is relayed before that. */
+static PyObject *
+pump_dial(Pump *p, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "dial(on_dialed, read_first, notify)");
         return NULL;
-    if (!read_first || p->closed)
-        Py_RETURN_TRUE;
-    PyObject *zero = PyLong_FromLong(0);
-    if (zero == NULL)
+    }
+    int read_first = PyObject_IsTrue(args[1]);
+    int notify = PyObject_IsTrue(args[2]);
+    if (read_first < 0 || notify < 0)
         return NULL;
-    r = pump_read_now(p, zero);
-    Py_DECREF(zero);
-    return r;
+    if (p->closed || p->hooked || p->dialing || p->launched) {
+        PyErr_SetString(PyExc_RuntimeError, "dial() on a pump that already started");
+        return NULL;
+    }
+    int fd = p->d[1].src;
+    Core *c = p->core;
+    if (check_fd(c, fd) < 0)
+        return NULL;
+    Watch *w = &c->watches[fd];
+    if (w->used && (w->pump != NULL || w->reader != NULL || w->writer != NULL)) {
+        PyErr_Format(PyExc_RuntimeError, "descriptor %d is already watched", fd);
+        return NULL;
+    }
+    w->pump = p;
+    w->lane = 0;
+    w->native_write = 1;
+    w->et = 2;
+    w->used = 1;
+    p->hooked = 1;
+    if (core_changed(c, fd) < 0) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        pump_release_fds(p);
+        PyErr_Restore(et, ev, tb);
+        return NULL;
+    }
+    Py_INCREF(args[0]);
+    p->on_dialed = args[0];
+    p->dialing = 1;
+    p->read_first = (char)read_first;
+    p->notify = (char)notify;
+    Py_RETURN_NONE;
 }
 
 /* Stop (if still running), then drop both sockets from the set and close them: the end of a
@@ -1410,7 +1560,7 @@ pump_end(Pump *p, PyObject *Py_UNUSED(ignored))
         Py_INCREF(sock);
         if (p->core != NULL)
             core_forget_fd(p->core, fds[i]);
-        PyObject *r = PyObject_CallMethod(sock, "close", NULL);
+        PyObject *r = PyObject_CallMethodNoArgs(sock, str_close);
         if (r == NULL) {
             if (et == NULL && ev == NULL)
                 PyErr_Fetch(&et, &ev, &tb);
@@ -1446,6 +1596,7 @@ pump_traverse(Pump *p, visitproc visit, void *arg)
     Py_VISIT(p->a);
     Py_VISIT(p->b);
     Py_VISIT(p->on_done);
+    Py_VISIT(p->on_dialed);
     Py_VISIT(p->pool);
     Py_VISIT(p->d[0].pipe);
     Py_VISIT(p->d[1].pipe);
@@ -1457,6 +1608,7 @@ pump_clear(Pump *p)
 {
     pump_release_fds(p);
     Py_CLEAR(p->on_done);
+    Py_CLEAR(p->on_dialed);
     Py_CLEAR(p->a);
     Py_CLEAR(p->b);
     return 0;
@@ -1479,6 +1631,7 @@ pump_dealloc(Pump *p)
         }
     }
     Py_CLEAR(p->on_done);
+    Py_CLEAR(p->on_dialed);
     Py_CLEAR(p->a);
     Py_CLEAR(p->b);
     Py_CLEAR(p->pool);
@@ -1494,6 +1647,8 @@ static PyMethodDef pump_methods[] = {
      "Read side index (0: from a) without waiting for readiness; False if nothing was there."},
     {"launch", (PyCFunction)pump_launch, METH_O,
      "Start on a just-connected b (see the C source); False if an early read of a found nothing."},
+    {"dial", (PyCFunction)(void (*)(void))pump_dial, METH_FASTCALL,
+     "dial(on_dialed, read_first, notify): b is connecting; launch when it connects (see the C source)."},
     {"finish", (PyCFunction)pump_end, METH_NOARGS,
      "Stop, then forget both sockets in the epoll set and close them."},
     {NULL, NULL, 0, NULL},
@@ -1506,6 +1661,7 @@ static PyMemberDef pump_members[] = {
     {"bytes_b_to_a", T_LONGLONG, offsetof(Pump, d[1].moved), READONLY, "Bytes read from b so far."},
     {"reads", T_LONGLONG, offsetof(Pump, reads), READONLY, "Read calls made on either source so far."},
     {"closed", T_BOOL, offsetof(Pump, closed), READONLY, "True once the pump has stopped."},
+    {"launched", T_BOOL, offsetof(Pump, launched), READONLY, "True once relaying started."},
     {"shutdown_last", T_BOOL, offsetof(Pump, shutdown_last), 0,
      "False when the caller's close sends the last FIN."},
     {NULL, 0, 0, 0, NULL},
@@ -2374,6 +2530,16 @@ socket_view_init(void)
     Py_DECREF(probe);
 }
 
+/* The descriptor of a socket module object (or of a subclass: `socket.socket`), read from its
+ * struct when the layout checked out; -1 for anything else (the caller asks for `fileno()`). */
+static int
+socket_view_fd(PyObject *sock)
+{
+    if (!sock_view_ok || !PyObject_TypeCheck(sock, sock_type))
+        return -1;
+    return ((SocketView *)sock)->sock_fd;
+}
+
 /* A non-blocking TCP socket object owning `fd` (closed here if that fails). */
 static PyObject *
 socket_object(int fd, int family)
@@ -2497,7 +2663,12 @@ PyInit__fastpath(void)
         PyType_Ready(&InletType) < 0)
         return NULL;
     empty_tuple = PyTuple_New(0);
-    if (empty_tuple == NULL)
+    str_fileno = PyUnicode_InternFromString("fileno");
+    str_close = PyUnicode_InternFromString("close");
+    str_pipe_size = PyUnicode_InternFromString("pipe_size");
+    str_acquire = PyUnicode_InternFromString("acquire");
+    if (empty_tuple == NULL || str_fileno == NULL || str_close == NULL || str_pipe_size == NULL ||
+        str_acquire == NULL)
         return NULL;
     socket_view_init();
     PyObject *m = PyModule_Create(&fastpath_module);

@@ -480,19 +480,61 @@ class SpliceConn:
             self.target_sock = sock
             self.target_addr = addr
             try:
-                add = self.stream.add_connecting
-                (self.io.add_writer if add is None else add)(sock.fileno(), self._on_connected)
+                if dial is _compiled_connect and self.initial is None and self.stream.pipe_pool is not None:
+                    self._dial_compiled(sock)
+                else:
+                    add = self.stream.add_connecting
+                    (self.io.add_writer if add is None else add)(sock.fileno(), self._on_connected)
             except (OSError, RuntimeError):
                 self.reason = "error"
                 self._close()
             return
         self._target_failed(last if last is not None else OSError(errno.EHOSTUNREACH, "no target address"))
 
+    def _dial_compiled(self, sock: socket.SocketType) -> None:
+        """Hand the dial to a compiled pump, which launches itself once `sock` connects: no
+        Python call between the connect and the relay unless something here must learn of it
+        (`notify`: a pool's health and balance, metrics, an address to prefer next time)."""
+        stream = self.stream
+        quiet = stream.quiet_clients
+        if quiet:
+            stream.quiet_clients = quiet - 1
+        pool = stream.pool
+        notify = not pool.trivial or stream.observer is not None or self.addr_index > 1
+        if not notify and self.holding is None:
+            # Counted from the dial rather than the connect: nothing chooses by it in a pool of one.
+            state = self.dialing
+            assert state is not None
+            self.holding = pool.acquired(state)
+        io = self.io
+        assert type(io) is _COMPILED_SET  # (what `_try_next` checked)
+        pump = _COMPILED_PUMP(io, self.client_sock, sock, self._pump_done, stream.pipe_pool)
+        self.pump = pump
+        pump.dial(self._dialed, not quiet, notify)
+
+    def _dialed(self, code: int) -> None:
+        """What a compiled pump's dial reports: an errno (failed: try the next address or
+        target), 0 (connected and relaying) or -1 (the client had not spoken by then)."""
+        if code < 0:
+            self.stream.quiet_clients = _QUIET_SKIP
+            return
+        sock = self.target_sock
+        if sock is None or self.phase != _DIALING:
+            return
+        if code:
+            self.pump = None  # spent: it already let go of the socket in the epoll set
+            self._forget(sock)
+            self.target_sock = None
+            sock.close()
+            self._try_next(OSError(code, os.strerror(code)))
+            return
+        self._connected()
+        self.phase = _PUMPING
+
     def _on_connected(self) -> None:
         sock = self.target_sock
         if sock is None or self.phase != _DIALING:
             return
-        stream = self.stream
         io = self.io
         if isinstance(io, EPOLL_SETS) and not io.ready_events & EPOLL_FAILED:
             err = 0  # writable and no error: connected (a failed connect always sets EPOLLERR)
@@ -508,16 +550,7 @@ class SpliceConn:
             sock.close()
             self._try_next(OSError(err, os.strerror(err)))
             return
-        self._stop_timers()
-        pool = stream.pool
-        state = self.dialing
-        assert state is not None
-        # Not the first address: dial this one first next time.
-        pool.dial_succeeded(state, self.target_addr if self.addr_index > 1 else None)
-        self.holding = pool.acquired(state)
-        observer = stream.observer
-        if observer is not None:
-            observer.dialed(stream.name, state.spec.key, stream.loop.time() - self.dialed_at)
+        self._connected()
         initial = self.initial
         if initial is not None:
             self.initial = None
@@ -525,6 +558,21 @@ class SpliceConn:
             self._send_initial(initial)
             return
         self._start_pump(sock, connecting=True)
+
+    def _connected(self) -> None:
+        """The dial succeeded: stop its clock, tell the pool, count the connection on its target."""
+        self._stop_timers()
+        stream = self.stream
+        pool = stream.pool
+        state = self.dialing
+        assert state is not None
+        # Not the first address: dial this one first next time.
+        pool.dial_succeeded(state, self.target_addr if self.addr_index > 1 else None)
+        if self.holding is None:
+            self.holding = pool.acquired(state)
+        observer = stream.observer
+        if observer is not None:
+            observer.dialed(stream.name, state.spec.key, stream.loop.time() - self.dialed_at)
 
     def _stop_timers(self) -> None:
         """The dial is over (connected, or the connection closing): no deadline may fire."""
@@ -538,8 +586,9 @@ class SpliceConn:
     def _dial_expired(self) -> None:
         self.timer = None
         self.watched = False
-        if self.phase != _DIALING:
-            return
+        pump = self.pump
+        if self.phase != _DIALING or (type(pump) is _COMPILED_PUMP and pump.launched):
+            return  # (a compiled dial that connected without telling: see _dial_compiled)
         stream = self.stream
         if self.dialing is not None:
             stream.pool.dial_failed(self.dialing)
