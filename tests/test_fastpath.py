@@ -3,7 +3,8 @@
 Relaying itself is tested with every pump in `test_splice.py` and through the engine in
 `test_tcp.py`; here are the cases only C code can get wrong: a pump's descriptor forgotten in
 the middle of a batch, a completion callback that raises, a pump dropped while registered, a
-closed set, a closed socket; and UDP's: a lane's bursts, a closed listener, ICMP unreachable;
+closed set, a closed socket, a dial the pump finishes itself (told to Python only when asked,
+refused, refused twice); and UDP's: a lane's bursts, a closed listener, ICMP unreachable;
 an inlet's bindings (relayed in C, replaced, unbound by an error, released on close); bad
 addresses.
 """
@@ -15,6 +16,7 @@ import errno
 import gc
 import os
 import socket
+import weakref
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -488,3 +490,144 @@ async def test_connect_reports_refusal_and_refuses_bad_addresses_by_name() -> No
         compiled.connect(socket.AF_INET, ("not-an-ip", 80))
     with pytest.raises(ValueError, match="unsupported address family"):
         compiled.connect(socket.AF_UNIX, "/tmp/x")
+
+
+class Dialed:
+    """An `on_dialed` callback that records its codes and can announce the first one."""
+
+    def __init__(self) -> None:
+        self.codes: list[int] = []
+        self.first: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def __call__(self, code: int) -> None:
+        self.codes.append(code)
+        if not self.first.done():
+            self.first.set_result(code)
+
+
+async def accept_one(listener: socket.socket) -> socket.socket:
+    conn, _ = await asyncio.wait_for(asyncio.get_running_loop().sock_accept(listener), 5)
+    conn.setblocking(False)
+    return conn
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    s.setblocking(False)
+    yield s
+    s.close()
+
+
+async def test_a_dial_launches_the_pump_in_c_and_python_hears_nothing(
+    es: compiled.EpollSet, listener: socket.socket
+) -> None:
+    """The client spoke before the target answered: its bytes are relayed the moment the dial
+    connects, both ways work after, and no Python callback ran (`notify` off)."""
+    loop = asyncio.get_running_loop()
+    a, client = pair()
+    b, err = compiled.connect(socket.AF_INET, listener.getsockname())
+    assert b is not None and err == 0
+    dialed = Dialed()
+    pump = compiled.Pump(es, a, b, lambda exc: None, pipe_pool_for(loop))
+    client.send(b"hello")
+    pump.dial(dialed, True, False)
+    assert not pump.launched
+    server = await accept_one(listener)
+    try:
+        assert await recv_exactly(server, 5) == b"hello"
+        assert pump.launched and dialed.codes == []
+        server.send(b"world")
+        assert await recv_exactly(client, 5) == b"world"
+        assert pump.bytes_a_to_b == 5 and pump.bytes_b_to_a == 5
+    finally:
+        pump.finish()
+        for s in (client, server):
+            s.close()
+    assert a.fileno() == -1 and b.fileno() == -1 and dialed.codes == []
+
+
+async def test_a_dial_tells_python_when_asked_and_when_the_client_had_not_spoken(
+    es: compiled.EpollSet, listener: socket.socket
+) -> None:
+    loop = asyncio.get_running_loop()
+    pumps: list[compiled.Pump] = []
+    others: list[socket.socket] = []
+    try:
+        for notify, expected in ((True, [0, -1]), (False, [-1])):
+            a, client = pair()
+            b, _ = compiled.connect(socket.AF_INET, listener.getsockname())
+            assert b is not None
+            dialed = Dialed()
+            pump = compiled.Pump(es, a, b, lambda exc: None, pipe_pool_for(loop))
+            pumps.append(pump)
+            pump.dial(dialed, True, notify)
+            others += [client, await accept_one(listener)]
+            assert await asyncio.wait_for(dialed.first, 5) == expected[0]
+            assert dialed.codes == expected and pump.launched
+            client.send(b"late")  # the relay works although the early read found nothing
+            assert await recv_exactly(others[-1], 4) == b"late"
+    finally:
+        for p in pumps:
+            p.finish()
+        for s in others:
+            s.close()
+
+
+async def test_a_refused_dial_reports_its_errno_and_lets_go_of_the_target(es: compiled.EpollSet) -> None:
+    loop = asyncio.get_running_loop()
+    closed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    a, client = pair()
+    b, err = compiled.connect(socket.AF_INET, ("127.0.0.1", port))
+    if b is None:  # refused at once on this kernel: nothing for a pump to watch
+        assert err == errno.ECONNREFUSED
+        return
+    dialed = Dialed()
+    pump = compiled.Pump(es, a, b, lambda exc: None, pipe_pool_for(loop))
+    pump.dial(dialed, True, True)
+    try:
+        assert await asyncio.wait_for(dialed.first, 5) == errno.ECONNREFUSED
+        assert dialed.codes == [errno.ECONNREFUSED]
+        assert pump.closed and not pump.launched
+        assert not es.watching(b.fileno()) and not es.watching(a.fileno())
+        ref = weakref_to(dialed)
+        del dialed
+        gc.collect()
+        assert ref() is None  # the pump let go of its callback: no cycle through the connection
+    finally:
+        es.forget(b.fileno())
+        for s in (a, b, client):
+            s.close()
+
+
+async def test_a_dial_is_refused_on_a_started_pump_and_twice(es: compiled.EpollSet) -> None:
+    loop = asyncio.get_running_loop()
+    a, client = pair()
+    b, server = pair()
+    try:
+        started = compiled.Pump(es, a, b, lambda exc: None, pipe_pool_for(loop))
+        started.start()
+        with pytest.raises(RuntimeError, match="already started"):
+            started.dial(lambda code: None, True, False)
+        started.close()
+        fresh = compiled.Pump(es, a, b, lambda exc: None, pipe_pool_for(loop))
+        fresh.dial(lambda code: None, True, False)
+        with pytest.raises(RuntimeError, match="already started"):
+            fresh.dial(lambda code: None, True, False)
+        with pytest.raises(TypeError, match="dial"):
+            fresh.dial(lambda code: None)  # type: ignore[call-arg]
+        fresh.close()
+        assert not es.watching(b.fileno())
+    finally:
+        for s in (a, b, client, server):
+            es.forget(s.fileno())
+            s.close()
+
+
+def weakref_to(obj: object) -> weakref.ref[object]:
+    return weakref.ref(obj)
