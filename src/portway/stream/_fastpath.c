@@ -1280,11 +1280,12 @@ pump_connected(Pump *p)
         Py_DECREF(cb);
         return rc;
     }
-    if (fd < c->nwatches) {
-        Watch *w = &c->watches[fd];
-        w->native_write = 0;
-        w->et = 1; /* writability was for the connect: see pump_start */
-    }
+    if (fd < c->nwatches)
+        /* Registered for writability as well from here on (one epoll_ctl fewer than asking the
+         * kernel to stop): that bit is reported with b's other events and ignored until a
+         * receiver falls behind; it raises an event of its own only when the send buffer was
+         * full (when the pump wants it) or b changes state (our shutdown of b, once). */
+        c->watches[fd].native_write = 0;
     int rc = 0;
     Py_INCREF(p);
     if (p->notify)
