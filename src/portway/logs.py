@@ -144,23 +144,26 @@ class ConnectionLog:
     through `logging` as usual.
     """
 
-    __slots__ = ("_handler", "_json_prefix", "_kv", "_message")
+    __slots__ = ("_console_tail", "_handler", "_json", "_json_prefix")
 
     def __init__(self, handler: BatchingHandler, logger: str, message: str, fields: dict[str, str]) -> None:
         self._handler = handler
-        self._message = message
+        self._json = handler.fmt == "json"
         ordered = [k for k in _ORDER if k in fields and k != "client"]
         ordered += sorted(k for k in fields if k not in _ORDER)
-        self._kv = " ".join(f"{k}={_console_value(fields[k])}" for k in ordered)
+        kv = " ".join(f"{k}={_console_value(fields[k])}" for k in ordered)
+        #: Everything of a console line after its timestamp, up to the client.
+        self._console_tail = f" INFO  {message}  {kv} client="
         head = {"level": "info", "logger": logger, "event": message, **fields}
         self._json_prefix = json.dumps(head, default=str)[1:-1]
 
     def log(self, client: str) -> None:
         now = time.time()
-        if self._handler.fmt == "json":
+        if self._json:
             line = f'{{"ts": {now:.6f}, {self._json_prefix}, "client": "{client}"}}'
         else:
-            line = f"{_console_time(now)} INFO  {self._message}  {self._kv} client={client}"
+            stamp = _last_stamp if int(now) == _last_second else _console_time(now)
+            line = f"{stamp}{self._console_tail}{client}"
         self._handler.write_line(line)
 
 

@@ -84,15 +84,29 @@ class _AsyncioAcceptor(Listener):
         #: raw engine's sockets then need no ioctl to become non-blocking and no getsockname
         #: (the socket constructor's check) to exist (None: the socket module's accept).
         self.accept_nonblocking = compiled.accept if on_socket is not None and compiled_enabled() else None
-        loop.add_reader(sock.fileno(), self._on_readable)
+        self.fd = sock.fileno()
+        #: One connection per wake-up in C (`_RAW_BATCH`): no batch loop around it.
+        self.on_readable = self._accept_one if self.accept_nonblocking is not None else self._on_readable
+        loop.add_reader(self.fd, self.on_readable)
+
+    def _accept_one(self) -> None:
+        """The compiled core's accept: one connection, its socket object made in C."""
+        try:
+            sock, addr = self.accept_nonblocking(self.fd)  # type: ignore[misc]  # set with it
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            self._accept_failed(exc)
+            return
+        self._run(self.on_socket, sock, addr)  # type: ignore[arg-type]  # set with it
+        if self.in_burst:
+            self._burst_over()
 
     def _on_readable(self) -> None:
-        sock, on_socket, accept_nonblocking = self.sock, self.on_socket, self.accept_nonblocking
+        sock, on_socket = self.sock, self.on_socket
         for _ in range(self.batch):
             try:
-                if accept_nonblocking is not None:
-                    raw, addr = accept_nonblocking(sock.fileno())
-                elif on_socket is not None:
+                if on_socket is not None:
                     # The C-level accept and socket type: socket.accept() and the socket.socket
                     # class add Python frames to every connection and to every close.
                     fd, addr = sock._accept()  # type: ignore[attr-defined]  # (not in typeshed)
@@ -101,14 +115,9 @@ class _AsyncioAcceptor(Listener):
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 break
             except OSError as exc:
-                if exc.errno in _EXHAUSTED:
-                    self._back_off(exc)
+                if self._accept_failed(exc):
                     return
-                log.error("accept failed", extra={**self.fields, "action": "accept", "error": str(exc)})
                 break
-            if accept_nonblocking is not None:
-                self._run(on_socket, raw, addr)  # type: ignore[arg-type]  # set with it
-                continue
             if on_socket is not None:
                 self._hand_over(on_socket, fd, addr)
                 continue
@@ -117,13 +126,24 @@ class _AsyncioAcceptor(Listener):
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
         if self.in_burst:
-            log.warning(
-                "accepting again after descriptor shortage",
-                extra={**self.fields, "action": "accept", "refused_retries": self.refused},
-            )
-            self.in_burst = False
-            self.refused = 0
-            self.backoff = _BACKOFF_MIN
+            self._burst_over()
+
+    def _accept_failed(self, exc: OSError) -> bool:
+        """Back off when descriptors ran out (True: stop reading now); log anything else."""
+        if exc.errno in _EXHAUSTED:
+            self._back_off(exc)
+            return True
+        log.error("accept failed", extra={**self.fields, "action": "accept", "error": str(exc)})
+        return False
+
+    def _burst_over(self) -> None:
+        log.warning(
+            "accepting again after descriptor shortage",
+            extra={**self.fields, "action": "accept", "refused_retries": self.refused},
+        )
+        self.in_burst = False
+        self.refused = 0
+        self.backoff = _BACKOFF_MIN
 
     def _hand_over(self, on_socket: SocketHandler, fd: int, addr: Any) -> None:
         try:
@@ -151,7 +171,7 @@ class _AsyncioAcceptor(Listener):
             conn.close()
 
     def _back_off(self, exc: OSError) -> None:
-        self.loop.remove_reader(self.sock.fileno())
+        self.loop.remove_reader(self.fd)
         self.refused += 1
         if not self.in_burst:
             self.in_burst = True
@@ -165,7 +185,7 @@ class _AsyncioAcceptor(Listener):
     def _resume(self) -> None:
         self.retry = None
         if not self.closed:
-            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+            self.loop.add_reader(self.fd, self.on_readable)
 
     def close(self) -> None:
         if self.closed:
@@ -174,7 +194,7 @@ class _AsyncioAcceptor(Listener):
         if self.retry is not None:
             self.retry.cancel()
         else:
-            self.loop.remove_reader(self.sock.fileno())
+            self.loop.remove_reader(self.fd)
         self.sock.close()
 
     async def wait_closed(self) -> None:
