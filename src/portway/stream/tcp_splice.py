@@ -600,7 +600,14 @@ class SpliceConn:
         sock = self.target_sock
         if sock is not None:
             self.target_sock = None
-            self.io.remove_writer(sock.fileno())
+            if pump is not None:
+                # A compiled dial: its pump watches the socket. Stopped and dropped before the
+                # socket closes, so that nothing later (finish() in _close) acts on a descriptor
+                # number the process may have given to another connection by then.
+                self.pump = None
+                pump.close()
+            else:
+                self.io.remove_writer(sock.fileno())
             self._forget(sock)
             sock.close()
         self.dialing = None
