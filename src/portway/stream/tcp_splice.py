@@ -12,7 +12,9 @@ except for an async `pre_dial` hook):
    `recv` into a bounded buffer and fed to the sans-I/O parser, with one `call_later` timer for
    the wait; then the ACL decides on the real client. A denied client is reset, nothing dialed.
 2. **Dial**: the route's pool picks a target; `socket()` + `connect_ex` (EINPROGRESS) +
-   `add_writer`; the `SO_ERROR` check on writability tells success from refusal. The target's
+   `add_writer`; the `SO_ERROR` check on writability tells success from refusal. On the
+   compiled core with nothing to send first, the pump watches the connect instead and starts
+   relaying in C (`_dial_compiled`), telling Python only what it must know. The target's
    addresses are tried in order, then the next healthy target the pool picks, all under one
    connect timeout, so a client never sees a dead target while another is up. The client is not
    watched meanwhile: whatever it sends waits in the kernel's socket buffer, which also bounds
