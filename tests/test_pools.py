@@ -451,6 +451,29 @@ async def test_a_target_that_drops_syns_costs_its_share_of_the_timeout_then_fail
         await stop_all(pool)
 
 
+async def test_a_connection_counts_on_the_target_that_serves_it_after_failing_over() -> None:
+    """Active counts (what leastconn and the status page read) follow a connection whose dial
+    gave up on a black-holed target and moved on: the hole ends at 0, the server at 1, both at
+    0 once it closes. (The compiled dial counts from the dial, so the move must give back.)"""
+    pool = await targets("a")
+    hole = Blackhole()
+    try:
+        members = [member(hole.port), member(pool[0].port)]
+        async with running(
+            pool_yaml(*members, route="connect_timeout: 400ms\nload_balance: {mode: first}")
+        ) as server:
+            states = server.pools["pool"]
+            sock, name = await open_greeted(listen_addr(server))
+            assert name == "a"
+            assert (states.member_state(0).active, states.member_state(1).active) == (0, 1)
+            sock.close()
+            await wait_until(lambda: states.member_state(1).active == 0)
+            assert states.member_state(0).active == 0
+    finally:
+        hole.close()
+        await stop_all(pool)
+
+
 def _dialing(conn: object) -> int:
     """The pool index a connection is dialing (or connected to), in either engine; -1: none yet."""
     if isinstance(conn, SpliceConn):

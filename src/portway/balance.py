@@ -170,6 +170,11 @@ class TargetState:
         return self.up and self.spec.weight > 0 and now >= self.ejected_until
 
     @property
+    def settled(self) -> bool:
+        """No failed dials counted and no ejection: a successful dial would change nothing."""
+        return not self._dial_failures and not self.ejections
+
+    @property
     def state(self) -> State:
         """Reported health: down while active checks say so, while ejected and while half-open."""
         return "up" if self.up and self.ejections == 0 else "down"

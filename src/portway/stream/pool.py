@@ -286,6 +286,11 @@ class TargetPool:
             return
         self._transition(self.balancer.dial_succeeded(index, self.loop.time()))
 
+    def success_is_news(self, state: TargetState) -> bool:
+        """Whether `dial_succeeded` for `state` would change anything (passive health to reset):
+        a dial that connects need not be reported otherwise."""
+        return not (self.trivial or self.loop is None or state.settled)
+
     def is_up(self, index: int) -> bool:
         if self.trivial or self.loop is None:
             return True

@@ -450,6 +450,7 @@ class SpliceConn:
 
     def _target_failed(self, last: OSError) -> None:
         """Every address of the current target failed: count it, then try another target."""
+        self._release_target()
         if self.dialing is not None:
             self.stream.pool.dial_failed(self.dialing)
         if self.tried is None:
@@ -457,6 +458,12 @@ class SpliceConn:
         else:
             self.tried.append(self.target)
         self._next_target(last)
+
+    def _release_target(self) -> None:
+        """A compiled dial counted the connection on the target it is leaving (see _dial_compiled)."""
+        if self.holding is not None:
+            self.stream.pool.released(self.holding)
+            self.holding = None
 
     def _try_next(self, last: OSError | None) -> None:
         """Connect to the current target's next address, or move on to another target."""
@@ -502,11 +509,12 @@ class SpliceConn:
         if quiet:
             stream.quiet_clients = quiet - 1
         pool = stream.pool
-        notify = not pool.trivial or stream.observer is not None or self.addr_index > 1
+        state = self.dialing
+        assert state is not None
+        notify = stream.observer is not None or self.addr_index > 1 or pool.success_is_news(state)
         if not notify and self.holding is None:
-            # Counted from the dial rather than the connect: nothing chooses by it in a pool of one.
-            state = self.dialing
-            assert state is not None
+            # Counted on its target from the dial rather than the connect (as HAProxy counts a
+            # connection being set up as the server's): given back if the dial moves on.
             self.holding = pool.acquired(state)
         io = self.io
         assert type(io) is _COMPILED_SET  # (what `_try_next` checked)
@@ -612,6 +620,7 @@ class SpliceConn:
                 self.io.remove_writer(sock.fileno())
             self._forget(sock)
             sock.close()
+        self._release_target()
         self.dialing = None
         if self.tried is None:
             self.tried = [self.target]
@@ -768,9 +777,7 @@ class SpliceConn:
         if self.counted:
             self.counted = False
             stream.release_client(self.client[0])
-        if self.holding is not None:
-            stream.pool.released(self.holding)
-            self.holding = None
+        self._release_target()
         if type(pump) is _COMPILED_PUMP:
             # Stops it, then forgets and closes both sockets (the client's and the target's).
             self.pump = self.target_sock = None
