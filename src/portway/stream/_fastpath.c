@@ -1254,8 +1254,8 @@ pump_tell_dialed(Pump *p, PyObject *cb, int code)
 }
 
 /* b, being dialed, reported writability: the connect's outcome. Connected, the pump launches
- * itself here, without a Python call unless the caller asked to be told (`notify`: a pool's
- * health and balance, metrics) or the early read found a client waiting for the server. A
+ * itself here, without a Python call unless the caller asked to be told (`notify`: passive
+ * health to reset, metrics) or the early read found a client waiting for the server. A
  * failed dial always goes back to Python, which fails over to the next address or target. */
 static int
 pump_connected(Pump *p)

@@ -503,7 +503,7 @@ class SpliceConn:
     def _dial_compiled(self, sock: socket.SocketType) -> None:
         """Hand the dial to a compiled pump, which launches itself once `sock` connects: no
         Python call between the connect and the relay unless something here must learn of it
-        (`notify`: a pool's health and balance, metrics, an address to prefer next time)."""
+        (`notify`: passive health to reset, metrics, an address to prefer next time)."""
         stream = self.stream
         quiet = stream.quiet_clients
         if quiet:
