@@ -505,9 +505,6 @@ class SpliceConn:
         Python call between the connect and the relay unless something here must learn of it
         (`notify`: passive health to reset, metrics, an address to prefer next time)."""
         stream = self.stream
-        quiet = stream.quiet_clients
-        if quiet:
-            stream.quiet_clients = quiet - 1
         pool = stream.pool
         state = self.dialing
         assert state is not None
@@ -520,7 +517,7 @@ class SpliceConn:
         assert type(io) is _COMPILED_SET  # (what `_try_next` checked)
         pump = _COMPILED_PUMP(io, self.client_sock, sock, self._pump_done, stream.pipe_pool)
         self.pump = pump
-        pump.dial(self._dialed, not quiet, notify)
+        pump.dial(self._dialed, self._read_early(), notify)
 
     def _dialed(self, code: int) -> None:
         """What a compiled pump's dial reports: an errno (failed: try the next address or
@@ -675,9 +672,7 @@ class SpliceConn:
         """
         self.phase = _PUMPING
         stream = self.stream
-        quiet = stream.quiet_clients
-        if quiet:
-            stream.quiet_clients = quiet - 1
+        read_early = self._read_early()
         pipes = stream.pipe_pool
         io = self.io
         pump: RelayPump
@@ -686,7 +681,7 @@ class SpliceConn:
                 # The same steps as below, in one call (it drops a writer only if there is one).
                 compiled_pump = _COMPILED_PUMP(io, self.client_sock, target, self._pump_done, pipes)
                 self.pump = compiled_pump
-                spoke = compiled_pump.launch(not quiet)
+                spoke = compiled_pump.launch(read_early)
             else:
                 if pipes is not None:
                     pump = engine_pump(stream.loop, io, self.client_sock, target, self._pump_done, pipes)
@@ -699,7 +694,7 @@ class SpliceConn:
                 # descriptor's poll handle is kept instead of closed and opened again.
                 if connecting:
                     io.remove_writer(target.fileno())
-                spoke = bool(quiet) or pump.read_now(0)
+                spoke = not read_early or pump.read_now(0)
         except (OSError, RuntimeError):
             # uvloop refuses a descriptor it still maps to a live transport: never leave one
             # side registered and the connection half open. The connect writer may still be
@@ -710,6 +705,15 @@ class SpliceConn:
             return
         if not spoke:
             stream.quiet_clients = _QUIET_SKIP
+
+    def _read_early(self) -> bool:
+        """Whether the relay reads the client as it starts (see `_start_pump`); counts down the
+        early reads a route of quiet clients skips."""
+        stream = self.stream
+        quiet = stream.quiet_clients
+        if quiet:
+            stream.quiet_clients = quiet - 1
+        return not quiet
 
     def _pump_done(self, exc: BaseException | None) -> None:
         # An error (a reset on one side) ends the other side too; a plain close, as the
