@@ -529,10 +529,7 @@ class SpliceConn:
         if sock is None or self.phase != _DIALING:
             return
         if code:
-            self.pump = None  # spent: it already let go of the socket in the epoll set
-            self._forget(sock)
-            self.target_sock = None
-            sock.close()
+            self._abandon_dial()  # (the pump is spent: it already let go of the socket)
             self._try_next(OSError(code, os.strerror(code)))
             return
         self._connected()
@@ -551,10 +548,7 @@ class SpliceConn:
             except OSError as exc:
                 err = exc.errno or errno.EIO
         if err:
-            self.io.remove_writer(sock.fileno())
-            self._forget(sock)
-            self.target_sock = None
-            sock.close()
+            self._abandon_dial()
             self._try_next(OSError(err, os.strerror(err)))
             return
         self._connected()
@@ -565,6 +559,24 @@ class SpliceConn:
             self._send_initial(initial)
             return
         self._start_pump(sock, connecting=True)
+
+    def _abandon_dial(self) -> None:
+        """Give up on the dial in flight: stop what watches its socket, then close the socket."""
+        sock = self.target_sock
+        if sock is None:
+            return
+        self.target_sock = None
+        pump = self.pump
+        if pump is not None:
+            # A compiled dial: its pump watches the socket. Stopped and dropped before the
+            # socket closes, so that nothing later (finish() in _close) acts on a descriptor
+            # number the process may have given to another connection by then.
+            self.pump = None
+            pump.close()
+        else:
+            self.io.remove_writer(sock.fileno())
+        self._forget(sock)
+        sock.close()
 
     def _connected(self) -> None:
         """The dial succeeded: stop its clock, tell the pool, count the connection on its target."""
@@ -604,19 +616,7 @@ class SpliceConn:
             return
         # This target is slow (a SYN dropped somewhere): give up on it and fail over within
         # what is left of the connect timeout.
-        sock = self.target_sock
-        if sock is not None:
-            self.target_sock = None
-            if pump is not None:
-                # A compiled dial: its pump watches the socket. Stopped and dropped before the
-                # socket closes, so that nothing later (finish() in _close) acts on a descriptor
-                # number the process may have given to another connection by then.
-                self.pump = None
-                pump.close()
-            else:
-                self.io.remove_writer(sock.fileno())
-            self._forget(sock)
-            sock.close()
+        self._abandon_dial()
         self._release_target()
         self.dialing = None
         if self.tried is None:
