@@ -308,13 +308,13 @@ class Balancer:
 
     def acquired(self, target: Target) -> TargetState:
         """A connection or session now uses `target`; returns the state to release it by later."""
-        t = target if isinstance(target, TargetState) else self.targets[target]  # (_state, inline)
+        t = self._state(target)
         t.active += 1
         return t
 
     def released(self, target: Target) -> None:
         """The connection that `acquired` the target ended. Pass the state if a reload may have passed."""
-        t = target if isinstance(target, TargetState) else self.targets[target]
+        t = self._state(target)
         if t.active > 0:
             t.active -= 1
 

@@ -162,8 +162,7 @@ class ConnectionLog:
         if self._json:
             line = f'{{"ts": {now:.6f}, {self._json_prefix}, "client": "{client}"}}'
         else:
-            stamp = _last_stamp if int(now) == _last_second else _console_time(now)
-            line = f"{stamp}{self._console_tail}{client}"
+            line = f"{_console_time(now)}{self._console_tail}{client}"
         self._handler.write_line(line)
 
 
