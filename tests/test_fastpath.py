@@ -595,7 +595,7 @@ async def test_a_refused_dial_reports_its_errno_and_lets_go_of_the_target(es: co
         assert dialed.codes == [errno.ECONNREFUSED]
         assert pump.closed and not pump.launched
         assert not es.watching(b.fileno()) and not es.watching(a.fileno())
-        ref = weakref_to(dialed)
+        ref = weakref.ref(dialed)
         del dialed
         gc.collect()
         assert ref() is None  # the pump let go of its callback: no cycle through the connection
@@ -627,7 +627,3 @@ async def test_a_dial_is_refused_on_a_started_pump_and_twice(es: compiled.EpollS
         for s in (a, b, client, server):
             es.forget(s.fileno())
             s.close()
-
-
-def weakref_to(obj: object) -> weakref.ref[object]:
-    return weakref.ref(obj)
