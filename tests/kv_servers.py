@@ -13,7 +13,6 @@ import json
 import logging
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -28,13 +27,9 @@ from typing import Any, Protocol
 import pytest
 import redis
 
+from tests.ports import free_port
+
 START_TIMEOUT_S = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def require(binary: str, package: str) -> str:

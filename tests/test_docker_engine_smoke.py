@@ -13,15 +13,9 @@ import pytest
 
 from portway.providers.docker_labels import Skip, Target, routes_from_labels, target_for_container
 from tests.docker_engine import docker_client, docker_engine, run_container, wait_until_listening  # noqa: F401
+from tests.ports import free_port
 
 pytestmark = pytest.mark.docker
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def http_get(host: str, port: int) -> bytes:
@@ -38,7 +32,7 @@ def resolve(container: Any, port: int) -> Target | Skip:
 
 
 def test_host_network_container_is_reached_over_loopback(docker_client: docker.DockerClient) -> None:
-    port = free_tcp_port()
+    port = free_port()
     serve = f"echo hello-portway > /www/index.html && exec httpd -f -p 127.0.0.1:{port} -h /www"
     labels = {"proxy.aliases": "web", "proxy.web.port": f"18080:{port}"}
     with run_container(docker_client, "portway-smoke-httpd", labels, ["sh", "-c", serve]) as container:

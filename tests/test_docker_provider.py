@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from portway.providers.docker import (
 )
 from portway.providers.merge import merge_routes
 from tests.docker_engine import docker_client, docker_engine, run_container, wait_until_listening  # noqa: F401
+from tests.ports import free_port
 
 
 def host_net(name: str, labels: dict[str, str]) -> ContainerInfo:
@@ -158,13 +158,6 @@ def test_merge_names_both_sources_and_files_win() -> None:
 
 
 # --- against the real engine ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from portway.app import LiveServer
 from portway.providers.etcd import EtcdProvider
 from tests.conftest import current_loop_kind
 from tests.kv_servers import EtcdCluster, LogWatch, TLSFiles, until
+from tests.ports import free_port
 from tests.portway_process import PortwayProcess, run_cli
 from tests.targets import TCPEchoTarget
 
@@ -142,12 +143,6 @@ async def test_whole_store_down_keeps_routes_and_changes_after_restart_arrive(
             await until(p, lambda: "new" in p.current.routes, within=5)
             await logs.wait("etcd reachable again")
     assert logs.count("etcd unreachable") == 1 and logs.count("etcd reachable again") == 1
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def test_live_server_serves_a_route_put_in_etcd(

@@ -14,7 +14,6 @@ import ipaddress
 import logging
 import os
 import shutil
-import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from portway.access import AccessControl
 from portway.acl import Acl
 from portway.proxy_header import ProxyProtocolPolicy
 from portway.stream import TCPStream
+from tests.ports import free_port
 
 HAPROXY = shutil.which("haproxy")
 NGINX = shutil.which("nginx")
@@ -35,12 +35,6 @@ pytestmark = pytest.mark.skipif(
     reason="!!! INTEROP NOT TESTED: haproxy, nginx or libnginx-mod-stream is not installed "
     "(apt-get install haproxy nginx-light libnginx-mod-stream) !!!",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _text(path: Path) -> str:

@@ -13,6 +13,7 @@ from portway.config.load import load_config_text
 from portway.config.schema import RouteConfig
 from portway.errors import ConfigError
 from portway.server import Server
+from tests.ports import free_port
 from tests.targets import TCPEchoTarget
 
 
@@ -89,7 +90,7 @@ async def test_linked_routes_serve_one_listener_spread_over_their_targets(both_t
     targets = [TCPEchoTarget(), TCPEchoTarget()]
     for t in targets:
         await t.start()
-    port = _free_port()
+    port = free_port()
     text = textwrap.dedent(
         f"""\
         routes:
@@ -123,12 +124,3 @@ async def test_linked_routes_serve_one_listener_spread_over_their_targets(both_t
         await server.stop()
         for t in targets:
             await t.stop()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port

@@ -22,6 +22,7 @@ from portway.config.schema import Config, RouteConfig
 from portway.reload import plan_reload
 from portway.server import Server
 from tests.conftest import current_loop_kind
+from tests.ports import free_port
 from tests.targets import TCPEchoTarget
 
 
@@ -31,13 +32,6 @@ def route(**fields: str) -> RouteConfig:
 
 def config(grace: str = "5s", **routes: RouteConfig) -> Config:
     return Config(routes=routes, grace_period=grace)  # type: ignore[arg-type]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def open_fds() -> int:

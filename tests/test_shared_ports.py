@@ -29,17 +29,12 @@ from portway.errors import ConfigError
 from portway.server import Server
 from tests.hellos import records, unframe
 from tests.polling import eventually
+from tests.ports import free_port
 from tests.tls_material import Authority, Pair
 
 pytestmark = pytest.mark.usefixtures("both_tcp_engines")
 
 HOSTS = ("a.example.com", "b.example.com", "x.w.example.com")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -21,14 +20,9 @@ from portway.server import Server
 from portway.stream.shared_udp import SharedUDPListener
 from tests.hellos import real_hello, unframe
 from tests.polling import eventually
+from tests.ports import free_udp_port
 from tests.targets import UDPClient, UDPEchoTarget
 from tests.test_quic import crypto, protect
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def hello(sni: str) -> bytes:

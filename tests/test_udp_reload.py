@@ -9,18 +9,11 @@ period (no new clients), like a removed TCP route's connections.
 from __future__ import annotations
 
 import asyncio
-import socket
 
 from portway.config.schema import Config, RouteConfig
 from portway.server import Server
+from tests.ports import free_udp_port
 from tests.targets import UDPEchoTarget
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def udp_route(port: int, target: int, **fields: str) -> RouteConfig:
