@@ -11,6 +11,7 @@ import pytest
 
 from portway import __version__
 from tests.conftest import current_loop_kind
+from tests.ports import free_port
 from tests.portway_process import PORTWAY, PortwayProcess, route_yaml, run_cli
 from tests.targets import TCPEchoTarget, UDPClient, UDPEchoTarget
 
@@ -72,14 +73,11 @@ async def test_bind_failure_names_route_and_address_and_serves_nothing(
     blocker.bind(("127.0.0.1", 0))
     blocker.listen(1)
     busy = blocker.getsockname()[1]
-    free = socket.socket()
-    free.bind(("127.0.0.1", 0))
-    free_port = free.getsockname()[1]
-    free.close()
+    free = free_port()
     config = write(
         tmp_path,
         "routes:\n"
-        + route_yaml("first", scheme="tcp4", port=f"{free_port}:{tcp_echo.port}")
+        + route_yaml("first", scheme="tcp4", port=f"{free}:{tcp_echo.port}")
         + route_yaml("clash", scheme="tcp4", port=f"{busy}:{tcp_echo.port}"),
     )
     try:
@@ -89,7 +87,7 @@ async def test_bind_failure_names_route_and_address_and_serves_nothing(
         assert "Traceback" not in err
         # Nothing half-started: the route that could bind is not left listening.
         with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", free_port), timeout=1).close()
+            socket.create_connection(("127.0.0.1", free), timeout=1).close()
     finally:
         blocker.close()
 

@@ -19,6 +19,7 @@ from tests.conftest import current_loop_kind
 from tests.docker_engine import docker_client, docker_engine, run_container  # noqa: F401
 from tests.polling import eventually
 from tests.pool_targets import NamedTarget
+from tests.ports import free_port
 from tests.portway_process import PortwayProcess, route_yaml
 from tests.targets import TCPEchoTarget, UDPClient, UDPEchoTarget
 from tests.test_workers import tcp_sockets
@@ -224,12 +225,7 @@ async def test_one_docker_event_stream_per_instance(
         await pw.wait_for("docker provider started")
         started = [r for r in pw.records if r.get("event") == "docker provider started"]
         assert [r["worker"] for r in started] == ["control"], "a worker watches Docker itself"
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            listen = probe.getsockname()[1]
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            target = probe.getsockname()[1]
+        listen, target = free_port(), free_port()
         labels = {
             "proxy.aliases": "box",
             "proxy.box.scheme": "tcp4",

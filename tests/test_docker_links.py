@@ -18,7 +18,8 @@ import pytest
 
 from portway.app import LiveServer
 from tests.docker_engine import docker_client, docker_engine, run_container, wait_until_listening  # noqa: F401
-from tests.test_docker_provider import free_port, http_get, live  # noqa: F401
+from tests.ports import free_port
+from tests.test_docker_provider import http_get, live  # noqa: F401
 
 
 def _labels(name: str, listen: int, target: int) -> dict[str, str]:

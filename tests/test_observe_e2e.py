@@ -22,8 +22,9 @@ from portway.observability import Observability, WorkerEnv
 from portway.server import Server
 from tests.conftest import current_loop_kind
 from tests.polling import eventually
+from tests.ports import free_port
 from tests.portway_process import PortwayProcess, route_yaml
-from tests.prometheus_server import Prometheus, free_port
+from tests.prometheus_server import Prometheus
 from tests.targets import TCPEchoTarget, UDPClient, UDPEchoTarget
 from tests.test_observe_serve import metric
 from tests.test_tcp import closed_by_proxy

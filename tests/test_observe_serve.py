@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import current_loop_kind
 from tests.polling import eventually
+from tests.ports import free_port
 from tests.portway_process import PortwayProcess, route_yaml, run_cli
-from tests.prometheus_server import free_port
 from tests.targets import TCPEchoTarget
 
 TOKEN = "serve-token"

@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 from tests.conftest import current_loop_kind
+from tests.ports import free_port
 from tests.portway_process import PortwayProcess, route_yaml, run_cli
 from tests.targets import TCPEchoTarget, UDPClient, UDPEchoTarget
 
@@ -124,9 +125,7 @@ async def test_sighup_reloads_every_worker(
     pw = await start(tmp_path, tcp_echo, udp_echo)
     try:
         await pw.wait_for("workers serving")
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            new_port = probe.getsockname()[1]
+        new_port = free_port()
         config = tmp_path / "w.yml"
         config.write_text(
             config.read_text() + route_yaml("added", scheme="tcp4", port=f"{new_port}:{tcp_echo.port}")
