@@ -165,6 +165,17 @@ class TargetState:
         self._current = 0  # smooth weighted round robin's running weight
         self._key_hash = _hash64(spec.key)
 
+    def acquire(self) -> TargetState:
+        """One more connection or session uses this target (what leastconn and the status page
+        read); the same as `Balancer.acquired`, without the lookup, for the connection path."""
+        self.active += 1
+        return self
+
+    def release(self) -> None:
+        """The connection that `acquire`d this target ended."""
+        if self.active > 0:
+            self.active -= 1
+
     def available(self, now: float) -> bool:
         """May take new connections: up, not ejected at `now`, weight > 0 (half-open counts as yes)."""
         return self.up and self.spec.weight > 0 and now >= self.ejected_until
@@ -308,15 +319,11 @@ class Balancer:
 
     def acquired(self, target: Target) -> TargetState:
         """A connection or session now uses `target`; returns the state to release it by later."""
-        t = self._state(target)
-        t.active += 1
-        return t
+        return self._state(target).acquire()
 
     def released(self, target: Target) -> None:
         """The connection that `acquired` the target ended. Pass the state if a reload may have passed."""
-        t = self._state(target)
-        if t.active > 0:
-            t.active -= 1
+        self._state(target).release()
 
     # -- health -----------------------------------------------------------------------------------
 

@@ -98,7 +98,10 @@ class _AsyncioAcceptor(Listener):
         except OSError as exc:
             self._accept_failed(exc)
             return
-        self._run(self.on_socket, sock, addr)  # type: ignore[arg-type]  # set with it
+        try:
+            self.on_socket(sock, addr)  # type: ignore[misc]  # set with it
+        except Exception:
+            self._handler_failed(sock)
         if self.in_burst:
             self._burst_over()
 
@@ -158,10 +161,13 @@ class _AsyncioAcceptor(Listener):
         try:
             on_socket(conn, addr)
         except Exception:
-            # The handler owns the socket once called and cleans up after itself; an escaping
-            # error is a bug, and must not stop the listener.
-            log.exception("accepted connection handler failed", extra={**self.fields, "action": "accept"})
-            conn.close()
+            self._handler_failed(conn)
+
+    def _handler_failed(self, conn: socket.SocketType) -> None:
+        # The handler owns the socket once called and cleans up after itself; an escaping
+        # error is a bug, and must not stop the listener.
+        log.exception("accepted connection handler failed", extra={**self.fields, "action": "accept"})
+        conn.close()
 
     async def _adopt(self, conn: socket.socket) -> None:
         assert self.factory is not None

@@ -279,8 +279,12 @@ class SpliceConn:
     def start_plain(self) -> None:
         """No ACL, no PROXY protocol: log and dial at once (the fast path)."""
         stream = self.stream
-        if stream.log_conns and (stream.conn_log is not None or log.isEnabledFor(logging.INFO)):
-            stream.log_accepted(addr_str(self.client))  # formatted only for a log that takes it
+        if stream.log_conns:
+            conn_log = stream.conn_log
+            if conn_log is not None:
+                conn_log.log_peer(self.client)
+            elif log.isEnabledFor(logging.INFO):
+                stream.log_accepted(addr_str(self.client))  # formatted only for a log that takes it
         if stream.limited:
             reason = stream.over_limit(len(stream.conns) - 1, self.client[0])
             if reason is not None:
@@ -410,14 +414,21 @@ class SpliceConn:
         self.phase = _DIALING
         if stream.observer is not None:
             self.dialed_at = stream.loop.time()
-        if stream.pool.trivial:  # one target: its dial gets the whole connect timeout
+        pool = stream.pool
+        if pool.trivial:
+            # One target: its dial gets the whole connect timeout, and there is nothing to
+            # pick (what `_next_target` would ask the pool), so it is dialed at once.
             watch = stream.dial_watch
             if watch is None:
                 watch = stream.dial_watch = DialWatch(stream.loop, stream.connect_timeout)
             watch.add(self)
             self.watched = True
-        else:
-            self.deadline = stream.loop.time() + stream.connect_timeout
+            self.target = 0
+            self.dialing = pool.member_state(0)
+            self.addrs = pool.addresses(0)
+            self._try_next(None)
+            return
+        self.deadline = stream.loop.time() + stream.connect_timeout
         self._next_target(None)
 
     def _arm(self) -> None:
@@ -461,9 +472,10 @@ class SpliceConn:
 
     def _release_target(self) -> None:
         """A compiled dial counted the connection on the target it is leaving (see _dial_compiled)."""
-        if self.holding is not None:
-            self.stream.pool.released(self.holding)
+        holding = self.holding
+        if holding is not None:
             self.holding = None
+            holding.release()
 
     def _try_next(self, last: OSError | None) -> None:
         """Connect to the current target's next address, or move on to another target."""
@@ -508,11 +520,15 @@ class SpliceConn:
         pool = stream.pool
         state = self.dialing
         assert state is not None
-        notify = stream.observer is not None or self.addr_index > 1 or pool.success_is_news(state)
+        notify = (
+            stream.observer is not None
+            or self.addr_index > 1
+            or (not pool.trivial and pool.success_is_news(state))
+        )
         if not notify and self.holding is None:
             # Counted on its target from the dial rather than the connect (as HAProxy counts a
             # connection being set up as the server's): given back if the dial moves on.
-            self.holding = pool.acquired(state)
+            self.holding = state.acquire()
         io = self.io
         assert type(io) is _COMPILED_SET  # (what `_try_next` checked)
         pump = _COMPILED_PUMP(io, self.client_sock, sock, self._pump_done, stream.pipe_pool)
@@ -588,7 +604,7 @@ class SpliceConn:
         # Not the first address: dial this one first next time.
         pool.dial_succeeded(state, self.target_addr if self.addr_index > 1 else None)
         if self.holding is None:
-            self.holding = pool.acquired(state)
+            self.holding = state.acquire()
         observer = stream.observer
         if observer is not None:
             observer.dialed(stream.name, state.spec.key, stream.loop.time() - self.dialed_at)
@@ -766,7 +782,10 @@ class SpliceConn:
         self.phase = _CLOSED
         stream = self.stream
         io = self.io
-        if self.timer is not None or self.watched:
+        if self.watched:
+            self.watched = False
+            stream.dial_watch.discard(self)  # type: ignore[union-attr]  # set when watched
+        if self.timer is not None:
             self._stop_timers()
         if self.dial_task is not None:
             task, self.dial_task = self.dial_task, None
@@ -781,7 +800,10 @@ class SpliceConn:
         if self.counted:
             self.counted = False
             stream.release_client(self.client[0])
-        self._release_target()
+        holding = self.holding
+        if holding is not None:
+            self.holding = None
+            holding.release()
         if type(pump) is _COMPILED_PUMP:
             # Stops it, then forgets and closes both sockets (the client's and the target's).
             self.pump = self.target_sock = None
