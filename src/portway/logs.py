@@ -95,14 +95,11 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def write_line(self, line: str) -> None:
         """Add a pre-rendered line (see `ConnectionLog`)."""
         with self.lock:  # type: ignore[union-attr]
-            lines = self._lines
-            lines.append(line)
-            if self._timer is None or len(lines) >= self.MAX_BATCH:
-                self._add_done(lines)
+            self._add(line, urgent=False)
 
-    def _add_done(self, lines: list[str]) -> None:
-        """A line was added without a flush scheduled, or filled the batch: see `_add`."""
-        if len(lines) >= self.MAX_BATCH:
+    def _add(self, line: str, *, urgent: bool) -> None:
+        self._lines.append(line)
+        if urgent or len(self._lines) >= self.MAX_BATCH:
             self._write()
             return
         if self._timer is None:
@@ -112,13 +109,6 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 self._write()
                 return
             self._timer = loop.call_later(self.FLUSH_DELAY, self._flush_soon)
-
-    def _add(self, line: str, *, urgent: bool) -> None:
-        self._lines.append(line)
-        if urgent:
-            self._write()
-            return
-        self._add_done(self._lines)
 
     def _flush_soon(self) -> None:
         with self.lock:  # type: ignore[union-attr]
@@ -174,13 +164,6 @@ class ConnectionLog:
         else:
             line = f"{_console_time(now)}{self._console_tail}{client}"
         self._handler.write_line(line)
-
-    def log_peer(self, peer: tuple[str, int]) -> None:
-        """`log` for a peer address, formatted here as `format_hostport` does: this runs once
-        per accepted connection, where every call counts."""
-        host, port = peer
-        client = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.log(client)
 
 
 _last_second = -1

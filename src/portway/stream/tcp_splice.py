@@ -279,12 +279,8 @@ class SpliceConn:
     def start_plain(self) -> None:
         """No ACL, no PROXY protocol: log and dial at once (the fast path)."""
         stream = self.stream
-        if stream.log_conns:
-            conn_log = stream.conn_log
-            if conn_log is not None:
-                conn_log.log_peer(self.client)
-            elif log.isEnabledFor(logging.INFO):
-                stream.log_accepted(addr_str(self.client))  # formatted only for a log that takes it
+        if stream.log_conns and (stream.conn_log is not None or log.isEnabledFor(logging.INFO)):
+            stream.log_accepted(addr_str(self.client))  # formatted only for a log that takes it
         if stream.limited:
             reason = stream.over_limit(len(stream.conns) - 1, self.client[0])
             if reason is not None:
@@ -520,11 +516,7 @@ class SpliceConn:
         pool = stream.pool
         state = self.dialing
         assert state is not None
-        notify = (
-            stream.observer is not None
-            or self.addr_index > 1
-            or (not pool.trivial and pool.success_is_news(state))
-        )
+        notify = stream.observer is not None or self.addr_index > 1 or pool.success_is_news(state)
         if not notify and self.holding is None:
             # Counted on its target from the dial rather than the connect (as HAProxy counts a
             # connection being set up as the server's): given back if the dial moves on.
@@ -782,10 +774,7 @@ class SpliceConn:
         self.phase = _CLOSED
         stream = self.stream
         io = self.io
-        if self.watched:
-            self.watched = False
-            stream.dial_watch.discard(self)  # type: ignore[union-attr]  # set when watched
-        if self.timer is not None:
+        if self.timer is not None or self.watched:
             self._stop_timers()
         if self.dial_task is not None:
             task, self.dial_task = self.dial_task, None
@@ -800,10 +789,7 @@ class SpliceConn:
         if self.counted:
             self.counted = False
             stream.release_client(self.client[0])
-        holding = self.holding
-        if holding is not None:
-            self.holding = None
-            holding.release()
+        self._release_target()
         if type(pump) is _COMPILED_PUMP:
             # Stops it, then forgets and closes both sockets (the client's and the target's).
             self.pump = self.target_sock = None
