@@ -9,6 +9,7 @@ portway one worker unless ``--workers`` says otherwise.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -171,8 +172,8 @@ def proxies(workers: int | None = None) -> dict[str, Proxy]:
         "haproxy": Proxy("haproxy", _haproxy, udp=False),
         "nginx": Proxy("nginx", _nginx, udp=True),
         # nginx with the half-close semantics portway keeps: the like-for-like peer for short
-        # connections (bench/README.md, "what half-close costs").
-        "nginx-hc": Proxy("nginx-hc", lambda tmp, dst: _nginx(tmp, dst, half_close=True), udp=True),
+        # connections (bench/README.md, "Issue 12, seventh round").
+        "nginx-hc": Proxy("nginx-hc", functools.partial(_nginx, half_close=True), udp=True),
         # One process per connection: thousands of idle socat processes measure fork, not relaying.
         "socat": Proxy("socat", _socat, udp=False, idle_cap=500),
     }
