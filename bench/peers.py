@@ -59,7 +59,9 @@ def _portway(
     metrics on: both must cost what the plain route costs, within noise. ``sni``: the TCP route
     sits on a shared listener, chosen by SNI (``localhost``, what wrk sends for
     https://localhost/), beside a fallback route to the same backend that takes everything else
-    (plain HTTP included): every connection pays the peek."""
+    (plain HTTP included): every connection pays the peek. ``nohc``: the route has
+    ``half_close: false``, the semantics of nginx's default (the like-for-like pair to
+    ``nginx``, as ``portway`` is to ``nginx-hc``)."""
 
     def cmd(tmp: Path, dst: int) -> list[str]:
         head = f"workers: {workers}\n" if workers else ""
@@ -70,6 +72,8 @@ def _portway(
             ports = (dst, dst + 1, dst + 2) if dst == HTTP else (dst,)
             target = "targets:" + "".join(f"\n      - 127.0.0.1:{p}" for p in ports)
         shared = ""
+        if variant == "nohc":
+            shared = "    half_close: false\n"
         if variant == "sni":
             shared = f"""    match: {{sni: [localhost]}}
   fallback:
@@ -154,7 +158,7 @@ def _goproxy(binary: str) -> Callable[[Path, int], list[str]]:
 
 
 #: Known but left out of run.py's default list (named with --proxies to run).
-OPT_IN = frozenset({"nginx-hc"})
+OPT_IN = frozenset({"nginx-hc", "portway-nohc"})
 
 
 def proxies(workers: int | None = None) -> dict[str, Proxy]:
@@ -166,6 +170,7 @@ def proxies(workers: int | None = None) -> dict[str, Proxy]:
         "portway-sni": Proxy("portway-sni", _portway(workers, "sni"), udp=True),
         "portway-pool": Proxy("portway-pool", _portway(workers, "pool"), udp=True),
         "portway-admin": Proxy("portway-admin", _portway(workers, "admin"), udp=True),
+        "portway-nohc": Proxy("portway-nohc", _portway(workers, "nohc"), udp=True),
         # The same build on its pure-Python core (what runs where the C extension was not built):
         # the compiled core's gain, measured in one run.
         "portway-python": Proxy("portway-python", _portway(workers), udp=True, env={"PORTWAY_FASTPATH": "0"}),

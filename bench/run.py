@@ -198,8 +198,8 @@ def versions() -> dict[str, str]:
 
 def main() -> None:
     known = ["direct", *proxies()]
-    # Run only when named: nginx-hc answers one question (what half-close costs a short
-    # connection), and every proxy in the default list adds minutes to `make bench`.
+    # Run only when named: nginx-hc and portway-nohc answer one question (what half-close
+    # costs a short connection), and every proxy in the default list adds minutes to `make bench`.
     default = [n for n in known if n not in OPT_IN]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--proxies", default=",".join(default), help=f"comma list from {known}")

@@ -131,6 +131,7 @@ routes:
     port: 8443:443
     resolve_interval: 0
     proxy_protocol: {mode: mixed}
+    half_close: false
   dns:
     scheme: udp
     host: localhost
@@ -146,7 +147,8 @@ def test_check_shows_what_each_route_runs() -> None:
         "connect_timeout=5s idle=1h"
     )
     assert route_options(config, config.routes["web"]) == (
-        "acl=global pp_receive=mixed(route,trusted=none) connect_timeout=5s idle=off resolve=on-failure"
+        "acl=global pp_receive=mixed(route,trusted=none) connect_timeout=5s idle=off half_close=off "
+        "resolve=on-failure"
     )
     assert route_options(config, config.routes["dns"]) == (
         "acl=route(default=allow,no_local,allow=0,deny=2) idle=5m max_sessions=10000 resolve=1m"

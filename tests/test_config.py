@@ -50,6 +50,7 @@ def test_defaults() -> None:
     assert route.udp_idle_timeout == 300
     assert route.connect_timeout == 5
     assert route.idle_timeout == 0
+    assert route.half_close is True
     assert route.udp_max_sessions == 10_000
 
 
@@ -63,12 +64,14 @@ def test_options_parse() -> None:
         "routes:\n  a:\n    scheme: udp\n    port: 9000:53\n    udp_idle_timeout: 30s\n"
         "    udp_max_sessions: 100\n"
         "  b:\n    port: 9001:22\n    connect_timeout: 500ms\n    idle_timeout: 1h\n"
+        "    half_close: false\n"
     )
     config = load_config_text(text, "f.yml")
     assert config.routes["a"].udp_idle_timeout == 30
     assert config.routes["a"].udp_max_sessions == 100
     assert config.routes["b"].connect_timeout == 0.5
     assert config.routes["b"].idle_timeout == 3600
+    assert config.routes["b"].half_close is False
 
 
 def test_yaml_anchors_and_merge_keys() -> None:
@@ -177,6 +180,17 @@ BAD = [
         "f.yml:4:22, route 'a', field 'connect_timeout': malformed duration 'soon' "
         "(expected e.g. 500ms, 5s, 1m30s, 2h)",
         id="bad-duration",
+    ),
+    pytest.param(
+        "routes:\n  a:\n    scheme: udp\n    port: 9001:53\n    half_close: false\n",
+        "f.yml:3:5, route 'a': half_close is TCP only: a UDP route has no FIN to act on",
+        id="half-close-on-udp",
+    ),
+    pytest.param(
+        "routes:\n  a:\n    port: 22\n    half_close: maybe\n",
+        "f.yml:4:17, route 'a', field 'half_close': "
+        "Input should be a valid boolean, unable to interpret input",
+        id="half-close-not-a-boolean",
     ),
     pytest.param(
         "workers: 0\n",

@@ -6,6 +6,7 @@ Every test runs on both engines (raw sockets + splice, and asyncio transports) u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -17,6 +18,8 @@ from typing import Any, cast
 
 import pytest
 
+from portway.config.load import load_config_text
+from portway.server import build_stream
 from portway.stream import HookContext, TCPStream, tcp_splice
 from portway.stream.epollset import COMPILED
 from portway.stream.tcp import ENGINE_ENV, HIGH_WATER, _Client
@@ -175,6 +178,74 @@ async def test_half_close_by_target_keeps_upstream_flowing() -> None:
         writer.write_eof()
         assert await asyncio.wait_for(got, 10) == body
         writer.close()
+
+
+@asynccontextmanager
+async def proxy_without_half_close(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[TCPStream]:
+    """`proxy_to`, with `half_close=False`: the first FIN ends the connection (nginx's default)."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    stream = TCPStream("tcp4", "127.0.0.1:0", f"127.0.0.1:{port}", half_close=False)
+    await stream.listen_and_serve()
+    try:
+        yield stream
+    finally:
+        await stream.close()
+        server.close()
+
+
+async def test_without_half_close_the_target_fin_ends_both_sides_after_its_bytes() -> None:
+    """The target answers and closes: the client gets every byte, then the proxy closes it
+    without waiting for the client's own FIN, and lets go of the connection."""
+    body = os.urandom(300_000)
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readexactly(3)
+        w.write(body)
+        await w.drain()
+        w.close()
+
+    async with proxy_without_half_close(handle) as stream:
+        reader, writer = await connect(stream)
+        writer.write(b"get")
+        assert await asyncio.wait_for(reader.read(-1), 10) == body
+        assert await _settles(stream)  # gone while the client's side is still open
+        assert not writer.is_closing()
+        writer.close()
+
+
+async def test_without_half_close_a_client_fin_cuts_off_the_answer() -> None:
+    """The client half-closes and waits (`nc -N`): the target gets the request and its EOF, and
+    the client gets nothing back: the price of `half_close: false`, as with nginx's default."""
+    got = asyncio.get_running_loop().create_future()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        got.set_result(await r.read(-1))
+        with contextlib.suppress(ConnectionError):
+            w.write(b"too late")
+            await w.drain()
+        w.close()
+
+    async with proxy_without_half_close(handle) as stream:
+        reader, writer = await connect(stream)
+        writer.write(b"question")
+        writer.write_eof()
+        assert await asyncio.wait_for(got, 5) == b"question"
+        assert await asyncio.wait_for(reader.read(-1), 5) == b""
+        assert await _settles(stream)
+        writer.close()
+
+
+def test_half_close_comes_from_the_route() -> None:
+    config = load_config_text(
+        "routes:\n  a:\n    host: 127.0.0.1\n    port: 9001:22\n    half_close: false\n"
+        "  b:\n    host: 127.0.0.1\n    port: 9002:22\n",
+        "f.yml",
+    )
+    assert build_stream("a", config.routes["a"]).half_close is False
+    assert build_stream("b", config.routes["b"]).half_close is True
 
 
 async def test_server_speaks_first_protocol_skips_the_early_read(engine: str) -> None:

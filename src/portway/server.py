@@ -124,6 +124,7 @@ def build_stream(
             name=name,
             connect_timeout=route.connect_timeout,
             idle_timeout=route.idle_timeout,
+            half_close=route.half_close,
             resolve_interval=route.resolve_interval,
             reuse_port=reuse_port,
             access=access,

@@ -85,6 +85,8 @@ def route_options(config: Config, r: RouteConfig) -> str:
     else:
         words.append(f"connect_timeout={format_duration(r.connect_timeout)}")
         words.append(f"idle={format_duration(r.idle_timeout) if r.idle_timeout else 'off'}")
+        if not r.half_close:
+            words.append("half_close=off")
     if any(ip_family(t.host) is None for t in r.pool()):  # an IP literal is never looked up again
         interval = format_duration(r.resolve_interval) if r.resolve_interval else "on-failure"
         words.append(f"resolve={interval}")

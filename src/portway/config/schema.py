@@ -134,6 +134,11 @@ class RouteConfig(_Model):
     connect_timeout: Duration = 5.0
     #: TCP: close a connection with no traffic in either direction for this long; 0 = never.
     idle_timeout: Duration = 0.0
+    #: TCP: after one side's FIN, relay the other way until it ends too (as HAProxy does);
+    #: false ends the connection at the first FIN once its bytes are through (nginx's default):
+    #: a wake-up fewer per short connection, but a client that half-closes and then waits for
+    #: the answer (`nc -N`, some backup and file-transfer tools) gets nothing back.
+    half_close: bool = True
     #: UDP: forget a client session after this long without a datagram in either direction.
     udp_idle_timeout: Duration = 300.0
     #: UDP: refuse new clients past this many live sessions (each holds a socket) rather than grow.
@@ -191,6 +196,8 @@ class RouteConfig(_Model):
     def _host_or_targets(self) -> RouteConfig:
         if self.targets is not None and "host" in self.model_fields_set:
             raise ValueError("give `host` (one target) or `targets` (a pool), not both")
+        if is_udp(self.scheme) and not self.half_close:
+            raise ValueError("half_close is TCP only: a UDP route has no FIN to act on")
         if is_udp(self.scheme) and self.tls is not None:
             raise ValueError("tls: terminates TLS over TCP; a UDP route cannot have it")
         if is_udp(self.scheme) and self.match is not None and (self.match.protocol or self.match.http_host):

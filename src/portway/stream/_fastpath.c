@@ -121,6 +121,7 @@ struct Pump {
     char closed;
     int failed_side;
     char shutdown_last;
+    char half_close; /* 0: the first direction to finish ends both (nginx's proxy_half_close off) */
     int hooked; /* registered natively in core: must unhook before it goes */
     long long reads; /* read calls on either source: lets tests prove the pump does not spin */
     PyObject *on_dialed; /* while `dialing`: told how the dial to b ended (see pump_dial) */
@@ -1163,7 +1164,9 @@ static int
 pump_finish(Pump *p, Dir *d)
 {
     Dir *other = d == &p->d[0] ? &p->d[1] : &p->d[0];
-    int last = other->finished;
+    /* Without half-close the first FIN, once its bytes are through, ends the connection: the
+     * caller's close sends it on, and a direction still open loses what it had not relayed. */
+    int last = other->finished || !p->half_close;
     if (p->shutdown_last || !last) {
         if (shutdown(d->dst, SHUT_WR) < 0 && errno != ENOTCONN)
             return pump_fail_errno(p, d, 1, errno);
@@ -1392,6 +1395,7 @@ pump_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     p->pipe_chunk = pipe_chunk > 0 ? pipe_chunk : 65536;
     p->failed_side = -1;
     p->shutdown_last = 1;
+    p->half_close = 1;
     for (int i = 0; i < 2; i++) {
         Dir *d = &p->d[i];
         d->src = i == 0 ? fa : fb;
@@ -1665,6 +1669,8 @@ static PyMemberDef pump_members[] = {
     {"launched", T_BOOL, offsetof(Pump, launched), READONLY, "True once relaying started."},
     {"shutdown_last", T_BOOL, offsetof(Pump, shutdown_last), 0,
      "False when the caller's close sends the last FIN."},
+    {"half_close", T_BOOL, offsetof(Pump, half_close), 0,
+     "False: the first direction to finish (FIN, its bytes through) ends the pump."},
     {NULL, 0, 0, 0, NULL},
 };
 

@@ -24,6 +24,7 @@ class EpollSet:
 class Pump:
     failed_side: int
     shutdown_last: bool
+    half_close: bool
     def __init__(
         self,
         io: EpollSet,

@@ -121,6 +121,7 @@ class RelayPump(Protocol):
 
     failed_side: int
     shutdown_last: bool
+    half_close: bool
 
     @property
     def bytes_a_to_b(self) -> int: ...
@@ -237,7 +238,17 @@ class _Direction:
 class _PumpBase:
     """Shared control logic: readiness callbacks, half-close, completion. Subclasses move bytes."""
 
-    __slots__ = ("_closed", "_dirs", "_done", "_events", "_loop", "_scratch", "failed_side", "shutdown_last")
+    __slots__ = (
+        "_closed",
+        "_dirs",
+        "_done",
+        "_events",
+        "_loop",
+        "_scratch",
+        "failed_side",
+        "half_close",
+        "shutdown_last",
+    )
 
     def __init__(
         self,
@@ -258,6 +269,9 @@ class _PumpBase:
         #: False when the caller closes both sockets as soon as the pump is done: the last
         #: direction's EOF then reaches its receiver with that close, one syscall fewer.
         self.shutdown_last = True
+        #: False: the first direction to finish (FIN, its bytes through) ends the pump, as
+        #: nginx's stream proxy does by default; what the other direction held is dropped.
+        self.half_close = True
         #: Which socket an error came from, when the pump failed: 0 for `a`, 1 for `b`. A read
         #: error belongs to the source, a write error (EPIPE, or any error while flushing) to
         #: the destination; close reasons (client_reset / target_reset) are built on it.
@@ -419,7 +433,7 @@ class _PumpBase:
 
     def _finish(self, d: _Direction) -> None:
         first, second = self._dirs
-        last = (second if d is first else first).finished
+        last = (second if d is first else first).finished or not self.half_close
         if self.shutdown_last or not last:
             try:
                 d.dst_sock.shutdown(socket.SHUT_WR)

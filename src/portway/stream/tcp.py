@@ -216,7 +216,8 @@ class _Client(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.client_eof = True
         if self.target is not None:
-            _write_eof(self.target)
+            if self.stream.half_close:
+                _write_eof(self.target)
             self._maybe_finish()
         return True
 
@@ -259,7 +260,8 @@ class _Client(asyncio.Protocol):
 
     def target_eof_received(self) -> None:
         self.target_eof = True
-        _write_eof(self.transport)
+        if self.stream.half_close:
+            _write_eof(self.transport)
         self._maybe_finish()
 
     def target_lost(self, exc: Exception | None) -> None:
@@ -272,8 +274,9 @@ class _Client(asyncio.Protocol):
         self.target = None
 
     def _maybe_finish(self) -> None:
-        if self.client_eof and self.target_eof:
-            # Both directions are done: close() flushes whatever is still buffered, then closes.
+        if (self.client_eof and self.target_eof) or not self.stream.half_close:
+            # Both directions are done (or, without half-close, one is): close() flushes
+            # whatever is still buffered, then closes.
             _close(self.transport)
             _close(self.target)
 
@@ -338,7 +341,10 @@ class _Client(asyncio.Protocol):
         if pending:
             self.forward_pending(pending)
         if self.client_eof:
-            _write_eof(transport)
+            if self.stream.half_close:
+                _write_eof(transport)
+            else:
+                self._maybe_finish()
 
     def forward_pending(self, pending: list[bytes]) -> None:
         for chunk in pending:
@@ -578,6 +584,7 @@ class TCPStream(Endpoint):
         name: str = "",
         connect_timeout: float = 5.0,
         idle_timeout: float = 0.0,
+        half_close: bool = True,
         resolve_interval: float = 60.0,
         reuse_port: bool = False,
         log_connections: bool = True,
@@ -595,7 +602,8 @@ class TCPStream(Endpoint):
     ) -> None:
         """`access` admits clients by address; `proxy_protocol` makes the listener read PROXY
         headers from trusted proxies; `relay_proxy_protocol` (1 or 2, 0 = off) sends a header of
-        that version to the target before any client byte.
+        that version to the target before any client byte. `half_close=False` ends a
+        connection at its first FIN, once the bytes before it are through (nginx's default).
 
         `engine`: "splice" relays on raw sockets (zero-copy with os.splice where it exists),
         "transport" with asyncio transports; "auto" (the default, or $PORTWAY_TCP_ENGINE) picks
@@ -623,6 +631,7 @@ class TCPStream(Endpoint):
         self.limited = bool(self.max_connections) or client_limits is not None
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
+        self.half_close = half_close
         self.log_conns = log_connections
         if relay_proxy_protocol not in (0, 1, 2):
             raise ValueError(f"PROXY protocol version must be 1 or 2, not {relay_proxy_protocol!r}")

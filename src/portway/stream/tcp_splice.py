@@ -76,6 +76,7 @@ class TCPRoute(Protocol):
     proxy_protocol: ProxyProtocolPolicy | None
     relay_version: int
     connect_timeout: float
+    half_close: bool
     pipe_pool: PipePool | None
     log_conns: bool
     conn_log: ConnectionLog | None
@@ -524,6 +525,8 @@ class SpliceConn:
         io = self.io
         assert type(io) is _COMPILED_SET  # (what `_try_next` checked)
         pump = _COMPILED_PUMP(io, self.client_sock, sock, self._pump_done, stream.pipe_pool)
+        if not stream.half_close:
+            pump.half_close = False
         self.pump = pump
         pump.dial(self._dialed, self._read_early(), notify)
 
@@ -688,6 +691,8 @@ class SpliceConn:
             if pipes is not None and type(io) is _COMPILED_SET:
                 # The same steps as below, in one call (it drops a writer only if there is one).
                 compiled_pump = _COMPILED_PUMP(io, self.client_sock, target, self._pump_done, pipes)
+                if not stream.half_close:
+                    compiled_pump.half_close = False
                 self.pump = compiled_pump
                 spoke = compiled_pump.launch(read_early)
             else:
@@ -696,6 +701,7 @@ class SpliceConn:
                 else:
                     pump = CopyPump(stream.loop, self.client_sock, target, self._pump_done)
                 pump.shutdown_last = False  # _close() follows at once and sends that FIN
+                pump.half_close = stream.half_close
                 self.pump = pump
                 pump.start()
                 # Removed after the pump registered its reader on this fd, so on uvloop the
