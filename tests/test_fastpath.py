@@ -542,11 +542,17 @@ async def test_a_dial_launches_the_pump_in_c_and_python_hears_nothing(
         server.send(b"world")
         assert await recv_exactly(client, 5) == b"world"
         assert pump.bytes_a_to_b == 5 and pump.bytes_b_to_a == 5
+        pump.finish()
+        # b (made here, closed without its method) and a (a `socket.socket`) are really closed:
+        # each peer reads the end, and the objects know it.
+        assert await asyncio.wait_for(loop.sock_recv(server, 1), 5) == b""
+        assert await asyncio.wait_for(loop.sock_recv(client, 1), 5) == b""
+        assert a.fileno() == -1 and b.fileno() == -1 and dialed.codes == []
+        b.close()  # a second close is a no-op, as for any socket object
     finally:
         pump.finish()
         for s in (client, server):
             s.close()
-    assert a.fileno() == -1 and b.fileno() == -1 and dialed.codes == []
 
 
 async def test_a_dial_tells_python_when_asked_and_when_the_client_had_not_spoken(

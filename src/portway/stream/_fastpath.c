@@ -27,7 +27,71 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
+
+/* glibc makes recv, send, splice, epoll_wait and their kin cancellation points: once the process
+ * has had a second thread (watchfiles' config watcher, asyncio's resolver pool), every such call
+ * is bracketed by two more that switch asynchronous cancellation on and off, about 1 % of the
+ * proxy's CPU under keep-alive load (`perf record`). Nothing here is ever cancelled, so the relay
+ * makes these system calls itself. */
+static inline ssize_t
+sys_recv(int fd, void *buf, size_t len, int flags)
+{
+    return syscall(SYS_recvfrom, (long)fd, buf, len, (long)flags, NULL, NULL);
+}
+
+static inline ssize_t
+sys_sendto(int fd, const void *buf, size_t len, int flags, const struct sockaddr *to, socklen_t tolen)
+{
+    return syscall(SYS_sendto, (long)fd, buf, len, (long)flags, to, (long)tolen);
+}
+
+static inline ssize_t
+sys_sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    return syscall(SYS_sendmsg, (long)fd, msg, (long)flags);
+}
+
+static inline int
+sys_recvmmsg(int fd, struct mmsghdr *msgs, unsigned int n, int flags)
+{
+    return (int)syscall(SYS_recvmmsg, (long)fd, msgs, (long)n, (long)flags, NULL);
+}
+
+static inline int
+sys_sendmmsg(int fd, struct mmsghdr *msgs, unsigned int n, int flags)
+{
+    return (int)syscall(SYS_sendmmsg, (long)fd, msgs, (long)n, (long)flags);
+}
+
+static inline ssize_t
+sys_splice(int in, int out, size_t len, unsigned int flags)
+{
+    return syscall(SYS_splice, (long)in, NULL, (long)out, NULL, len, (long)flags);
+}
+
+static inline int
+sys_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout)
+{
+#ifdef SYS_epoll_wait
+    return (int)syscall(SYS_epoll_wait, (long)epfd, events, (long)max, (long)timeout);
+#else /* (arm64 has only epoll_pwait; no mask is epoll_wait) */
+    return (int)syscall(SYS_epoll_pwait, (long)epfd, events, (long)max, (long)timeout, NULL, 0L);
+#endif
+}
+
+static inline int
+sys_accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
+{
+    return (int)syscall(SYS_accept4, (long)fd, addr, len, (long)flags);
+}
+
+static inline int
+sys_connect(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    return (int)syscall(SYS_connect, (long)fd, addr, (long)len);
+}
 
 #define SMALL_READ 16384
 #define ROUNDS_PER_WAKEUP 8
@@ -368,7 +432,7 @@ core_dispatch(Core *c, PyObject *Py_UNUSED(ignored))
     struct epoll_event events[MAX_EVENTS];
     if (c->epfd < 0)
         Py_RETURN_NONE;
-    int n = epoll_wait(c->epfd, events, MAX_EVENTS, 0);
+    int n = sys_epoll_wait(c->epfd, events, MAX_EVENTS, 0);
     if (n < 0) {
         if (errno == EINTR)
             Py_RETURN_NONE;
@@ -1043,7 +1107,7 @@ send_nointr(int fd, const char *buf, size_t n, int flags)
 {
     ssize_t s;
     do
-        s = send(fd, buf, n, flags | MSG_NOSIGNAL);
+        s = sys_sendto(fd, buf, n, flags | MSG_NOSIGNAL, NULL, 0);
     while (s < 0 && errno == EINTR);
     return s;
 }
@@ -1059,7 +1123,7 @@ pump_fill(Pump *p, Dir *d, int more, int *py_error)
             char *buf = p->core->scratch;
             ssize_t n;
             do
-                n = recv(d->src, buf, SMALL_READ, 0);
+                n = sys_recv(d->src, buf, SMALL_READ, 0);
             while (n < 0 && errno == EINTR);
             if (n < 0)
                 return (errno == EAGAIN || errno == EWOULDBLOCK) ? STEP_AGAIN : STEP_ERROR;
@@ -1107,7 +1171,7 @@ pump_fill(Pump *p, Dir *d, int more, int *py_error)
     }
     ssize_t n;
     do
-        n = splice(d->src, NULL, d->pipe_w, NULL, (size_t)d->chunk, SPLICE_FLAGS);
+        n = sys_splice(d->src, d->pipe_w, (size_t)d->chunk, SPLICE_FLAGS);
     while (n < 0 && errno == EINTR);
     if (n < 0)
         return (errno == EAGAIN || errno == EWOULDBLOCK) ? STEP_AGAIN : STEP_ERROR;
@@ -1115,8 +1179,7 @@ pump_fill(Pump *p, Dir *d, int more, int *py_error)
         d->pending = n;
         ssize_t m;
         do
-            m = splice(d->pipe_r, NULL, d->dst, NULL, (size_t)n,
-                       SPLICE_FLAGS | (more ? SPLICE_F_MORE : 0));
+            m = sys_splice(d->pipe_r, d->dst, (size_t)n, SPLICE_FLAGS | (more ? SPLICE_F_MORE : 0));
         while (m < 0 && errno == EINTR);
         if (m < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK)
@@ -1151,7 +1214,7 @@ pump_flush(Pump *p, Dir *d)
     while (d->pending) {
         ssize_t m;
         do
-            m = splice(d->pipe_r, NULL, d->dst, NULL, (size_t)d->pending, SPLICE_FLAGS);
+            m = sys_splice(d->pipe_r, d->dst, (size_t)d->pending, SPLICE_FLAGS);
         while (m < 0 && errno == EINTR);
         if (m < 0)
             return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
@@ -1547,6 +1610,8 @@ pump_dial(Pump *p, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+static int socket_close_direct(PyObject *sock);
+
 /* Stop (if still running), then drop both sockets from the set and close them: the end of a
  * relayed connection in one call. */
 static PyObject *
@@ -1565,6 +1630,10 @@ pump_end(Pump *p, PyObject *Py_UNUSED(ignored))
         Py_INCREF(sock);
         if (p->core != NULL)
             core_forget_fd(p->core, fds[i]);
+        if (socket_close_direct(sock)) {
+            Py_DECREF(sock);
+            continue;
+        }
         PyObject *r = PyObject_CallMethodNoArgs(sock, str_close);
         if (r == NULL) {
             if (et == NULL && ev == NULL)
@@ -1953,7 +2022,7 @@ lane_on_readable(Lane *l)
         batch_prepare(msgs, iov, buf, NULL);
         int n;
         do
-            n = recvmmsg(l->fd, msgs, LANE_VLEN, MSG_DONTWAIT, NULL);
+            n = sys_recvmmsg(l->fd, msgs, LANE_VLEN, MSG_DONTWAIT);
         while (n < 0 && errno == EINTR);
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK)
@@ -1973,9 +2042,9 @@ lane_on_readable(Lane *l)
             /* A full listener buffer drops replies, as UDP may (no unbounded queue here). */
             int s;
             do
-                s = n == 1 ? (int)sendto(out, iov[0].iov_base, iov[0].iov_len, MSG_DONTWAIT | MSG_NOSIGNAL,
+                s = n == 1 ? (int)sys_sendto(out, iov[0].iov_base, iov[0].iov_len, MSG_DONTWAIT | MSG_NOSIGNAL,
                                          (struct sockaddr *)&l->client, l->client_len)
-                           : sendmmsg(out, msgs, (unsigned int)n, MSG_DONTWAIT | MSG_NOSIGNAL);
+                           : sys_sendmmsg(out, msgs, (unsigned int)n, MSG_DONTWAIT | MSG_NOSIGNAL);
             while (s < 0 && errno == EINTR);
         }
         if (n < LANE_VLEN)
@@ -1999,12 +2068,12 @@ lane_forward(Lane *l, const char *data, size_t len, int prefixed)
         msg.msg_iov = iov;
         msg.msg_iovlen = 2;
         do
-            s = sendmsg(l->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+            s = sys_sendmsg(l->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
         while (s < 0 && errno == EINTR);
     }
     else {
         do
-            s = send(l->fd, data, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+            s = sys_sendto(l->fd, data, len, MSG_DONTWAIT | MSG_NOSIGNAL, NULL, 0);
         while (s < 0 && errno == EINTR);
     }
     if (s < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
@@ -2030,7 +2099,7 @@ inlet_on_readable(Inlet *in)
         batch_prepare(msgs, iov, buf, from);
         int n;
         do
-            n = recvmmsg(in->fd, msgs, LANE_VLEN, MSG_DONTWAIT, NULL);
+            n = sys_recvmmsg(in->fd, msgs, LANE_VLEN, MSG_DONTWAIT);
         while (n < 0 && errno == EINTR);
         if (n < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK)
@@ -2547,6 +2616,24 @@ socket_view_fd(PyObject *sock)
     return ((SocketView *)sock)->sock_fd;
 }
 
+/* Close a socket object of the module's own type (what accept and connect here make) as its
+ * close() does, less the method call and the GIL's release around close(2): the descriptor is
+ * marked closed first, so the object never closes it again. Returns 0, untouched, for anything
+ * else (a `socket.socket` keeps its own bookkeeping: the caller calls its close()). Close
+ * errors are dropped: Linux frees the descriptor whatever close(2) returns. */
+static int
+socket_close_direct(PyObject *sock)
+{
+    if (!sock_view_ok || Py_TYPE(sock) != sock_type)
+        return 0;
+    SocketView *v = (SocketView *)sock;
+    int fd = v->sock_fd;
+    v->sock_fd = -1;
+    if (fd >= 0)
+        (void)syscall(SYS_close, (long)fd);
+    return 1;
+}
+
 /* A non-blocking TCP socket object owning `fd` (closed here if that fails). */
 static PyObject *
 socket_object(int fd, int family)
@@ -2591,7 +2678,7 @@ fp_accept(PyObject *Py_UNUSED(module), PyObject *arg)
     socklen_t len = sizeof(ss);
     int fd;
     do
-        fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        fd = sys_accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
     while (fd < 0 && errno == EINTR);
     if (fd < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -2634,7 +2721,7 @@ fp_connect(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     int rc;
     do
-        rc = connect(fd, (struct sockaddr *)&ss, len);
+        rc = sys_connect(fd, (struct sockaddr *)&ss, len);
     while (rc < 0 && errno == EINTR);
     if (rc < 0 && errno != EINPROGRESS && errno != EAGAIN) {
         int err = errno;
