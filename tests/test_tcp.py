@@ -60,11 +60,13 @@ async def connect(stream: TCPStream) -> tuple[asyncio.StreamReader, asyncio.Stre
 @asynccontextmanager
 async def proxy_to(
     handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    *,
+    half_close: bool = True,
 ) -> AsyncIterator[TCPStream]:
     """A TCPStream in front of an asyncio server running `handle`; both closed afterwards."""
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    stream = TCPStream("tcp4", "127.0.0.1:0", f"127.0.0.1:{port}")
+    stream = TCPStream("tcp4", "127.0.0.1:0", f"127.0.0.1:{port}", half_close=half_close)
     await stream.listen_and_serve()
     try:
         yield stream
@@ -180,27 +182,11 @@ async def test_half_close_by_target_keeps_upstream_flowing() -> None:
         writer.close()
 
 
-@asynccontextmanager
-async def proxy_without_half_close(
-    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-) -> AsyncIterator[TCPStream]:
-    """`proxy_to`, with `half_close=False`: the first FIN ends the connection (nginx's default)."""
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    stream = TCPStream("tcp4", "127.0.0.1:0", f"127.0.0.1:{port}", half_close=False)
-    await stream.listen_and_serve()
-    try:
-        yield stream
-    finally:
-        await stream.close()
-        server.close()
-
-
 @pytest.mark.parametrize("size", [5, 300_000])
 async def test_without_half_close_the_target_fin_ends_both_sides_after_its_bytes(size: int) -> None:
-    """The target answers and closes: the client gets every byte, then the proxy closes it
-    without waiting for the client's own FIN, and lets go of the connection. A small answer
-    is copied, a large one spliced."""
+    """Without half-close (nginx's default) the target answers and closes: the client gets
+    every byte, then the proxy closes it without waiting for the client's own FIN, and lets go
+    of the connection. A small answer is copied, a large one spliced."""
     body = os.urandom(size)
 
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -209,7 +195,7 @@ async def test_without_half_close_the_target_fin_ends_both_sides_after_its_bytes
         await w.drain()
         w.close()
 
-    async with proxy_without_half_close(handle) as stream:
+    async with proxy_to(handle, half_close=False) as stream:
         reader, writer = await connect(stream)
         writer.write(b"get")
         assert await asyncio.wait_for(reader.read(-1), 10) == body
@@ -230,7 +216,7 @@ async def test_without_half_close_a_client_fin_cuts_off_the_answer() -> None:
             await w.drain()
         w.close()
 
-    async with proxy_without_half_close(handle) as stream:
+    async with proxy_to(handle, half_close=False) as stream:
         reader, writer = await connect(stream)
         writer.write(b"question")
         writer.write_eof()
