@@ -420,10 +420,7 @@ class SpliceConn:
                 watch = stream.dial_watch = DialWatch(stream.loop, stream.connect_timeout)
             watch.add(self)
             self.watched = True
-            self.target = 0
-            self.dialing = pool.member_state(0)
-            self.addrs = pool.addresses(0)
-            self._try_next(None)
+            self._dial_member(0, None)
             return
         self.deadline = stream.loop.time() + stream.connect_timeout
         self._next_target(None)
@@ -448,6 +445,12 @@ class SpliceConn:
             else:
                 self._dial_failed(last)
             return
+        self._dial_member(index, last)
+
+    def _dial_member(self, index: int, last: OSError | None) -> None:
+        """Dial pool member `index` from its first address (a pool of one is not timed per
+        target: its dial has the whole connect timeout)."""
+        pool = self.stream.pool
         self.target = index
         self.dialing = pool.member_state(index)
         self.addrs = pool.addresses(index)
