@@ -704,7 +704,8 @@ class SpliceConn:
                 else:
                     pump = CopyPump(stream.loop, self.client_sock, target, self._pump_done)
                 pump.shutdown_last = False  # _close() follows at once and sends that FIN
-                pump.half_close = stream.half_close
+                if not stream.half_close:
+                    pump.half_close = False
                 self.pump = pump
                 pump.start()
                 # Removed after the pump registered its reader on this fd, so on uvloop the
