@@ -71,11 +71,11 @@ def _portway(
         if variant == "pool":
             ports = (dst, dst + 1, dst + 2) if dst == HTTP else (dst,)
             target = "targets:" + "".join(f"\n      - 127.0.0.1:{p}" for p in ports)
-        shared = ""
+        extra = ""  # route t's lines after its port, and any route beside it
         if variant == "nohc":
-            shared = "    half_close: false\n"
+            extra = "    half_close: false\n"
         if variant == "sni":
-            shared = f"""    match: {{sni: [localhost]}}
+            extra = f"""    match: {{sni: [localhost]}}
   fallback:
     scheme: tcp4
     host: 127.0.0.1
@@ -88,7 +88,7 @@ def _portway(
     {target}
     bind: 127.0.0.1
     port: {PROXY_TCP}:{dst}
-{shared}  u:
+{extra}  u:
     scheme: udp4
     host: 127.0.0.1
     bind: 127.0.0.1
